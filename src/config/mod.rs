@@ -1,0 +1,1236 @@
+//! Configuration: the TOML file is read into the serde mirror in [`raw`], then checked and turned
+//! into [`Config`], which holds only valid values (socket addresses, durations, loaded secrets).
+//! Every problem is collected with its key path, so `check-config` reports them all at once.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Uri};
+use jsonwebtoken::Algorithm;
+
+use crate::proxy::path;
+
+/// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A validated configuration. Built only by [`Config::parse`] or [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[upstream]`
+    pub upstream: UpstreamConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[jwt]`
+    pub jwt: JwtConfig,
+    /// `[signature]`
+    pub signature: SignatureConfig,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<Route>,
+    /// Things that are valid but probably not meant (a shadowed route, no routes at all).
+    pub warnings: Vec<String>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub drain_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub client_cert: ClientCertMode,
+    pub min_version: TlsVersion,
+}
+
+/// Whether a client certificate is asked for or demanded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertMode {
+    Optional,
+    Required,
+}
+
+/// The lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority of the service behind the proxy.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub ca: Option<PathBuf>,
+    /// SHA-256 of the accepted SubjectPublicKeyInfo.
+    pub pins: Vec<[u8; 32]>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+/// `[store]`
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub on_error: OnStoreError,
+    pub timeout: Duration,
+    pub revocation_max_lag: Duration,
+}
+
+/// Where nonces, revocations and rate-limit windows live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    Memory,
+    Redis { url: String },
+}
+
+/// What a store error does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    Deny,
+    Allow,
+}
+
+/// `[jwt]`
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub leeway: Duration,
+    /// How many verified tokens are remembered; 0 turns the cache off.
+    pub verified_cache: u64,
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// One `[[jwt.issuers]]` entry.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values; empty means `aud` is not checked.
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub jwks: Option<JwksSource>,
+    /// HMAC secrets by `kid`.
+    pub secrets: Vec<(String, Secret)>,
+    pub permissions_claim: String,
+    pub required_claims: Vec<String>,
+    pub max_lifetime: Duration,
+    pub jwks_refresh: Duration,
+    pub jwks_min_refetch: Duration,
+    pub jwks_max_stale: Duration,
+}
+
+/// Where an issuer's public keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    Url(String),
+    File(PathBuf),
+}
+
+/// `[signature]`
+#[derive(Debug, Clone)]
+pub struct SignatureConfig {
+    pub max_skew: Duration,
+    pub keys: Vec<SignatureKey>,
+}
+
+/// One `[[signature.keys]]` entry.
+#[derive(Debug, Clone)]
+pub struct SignatureKey {
+    pub id: String,
+    pub client: String,
+    pub secret: Secret,
+    pub algorithm: SignatureAlgorithm,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+}
+
+/// The MAC of a request signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureAlgorithm {
+    HmacSha256,
+    HmacSha512,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Normalised, without a trailing slash (unless it is `/`).
+    pub path_prefix: String,
+    /// `None` = any method.
+    pub methods: Option<Vec<Method>>,
+    pub require: Requirements,
+    pub permissions: Vec<String>,
+    /// Lower-case media types (`type/subtype`); `None` = any.
+    pub content_types: Option<Vec<String>>,
+    pub rate_limit: Option<RateLimit>,
+    pub client_certs: Option<ClientCertAllowList>,
+}
+
+/// The checks a route runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requirements {
+    pub mtls: bool,
+    pub signature: bool,
+    pub jwt: bool,
+}
+
+/// A route's rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u64,
+    pub per: Duration,
+    pub key: RateLimitKey,
+}
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitKey {
+    Subject,
+    Client,
+    Certificate,
+    Ip,
+}
+
+/// Client certificates a route accepts.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertAllowList {
+    pub dns: Vec<String>,
+    pub uri: Vec<String>,
+    pub spki_sha256: Vec<[u8; 32]>,
+}
+
+/// Secret bytes. `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where it is, as `upstream.url` or `routes[2].methods[0]`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a file. Relative paths inside it (`jwks_file`, `*_file`, TLS files)
+    /// are taken relative to the file's folder.
+    pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", file.display()),
+            }])
+        })?;
+        let base = file.parent().unwrap_or_else(|| Path::new("."));
+        Self::parse(&text, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates TOML text. `base` resolves relative paths; `env` looks up environment variables
+    /// (tests pass their own).
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: e.to_string().trim_end().replace('\n', " | "),
+            }])
+        })?;
+        let mut v = Validator {
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            base,
+            env,
+        };
+        let config = v.config(raw);
+        if v.errors.is_empty() {
+            // Every field is filled when no error was recorded.
+            config.ok_or_else(|| ConfigErrors(v.errors))
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+
+    /// The first route whose prefix and methods both match, or why none does.
+    pub fn match_route(&self, path: &str, method: &Method) -> RouteMatch<'_> {
+        let mut path_matched = false;
+        for route in &self.routes {
+            if !path::prefix_matches(&route.path_prefix, path) {
+                continue;
+            }
+            path_matched = true;
+            match &route.methods {
+                Some(methods) if !methods.contains(method) => {}
+                _ => return RouteMatch::Found(route),
+            }
+        }
+        if path_matched {
+            RouteMatch::MethodNotAllowed
+        } else {
+            RouteMatch::NoRoute
+        }
+    }
+}
+
+/// The result of [`Config::match_route`].
+#[derive(Debug)]
+pub enum RouteMatch<'a> {
+    Found(&'a Route),
+    MethodNotAllowed,
+    NoRoute,
+}
+
+struct Validator<'a> {
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+    base: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    path,
+                    format!(
+                        "{text:?} is not a duration ({e}); write it as \"30s\", \"15m\" or \"24h\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let text = value.unwrap_or(default);
+        match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.error(
+                    path,
+                    format!("{text:?} is not an address:port such as \"0.0.0.0:8080\""),
+                );
+                // The default is a literal address that always parses.
+                default
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            }
+        }
+    }
+
+    fn file_path(&self, value: &str) -> PathBuf {
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn existing_file(&mut self, path: &str, value: &str) -> PathBuf {
+        let p = self.file_path(value);
+        if !p.is_file() {
+            self.error(path, format!("file {} does not exist", p.display()));
+        }
+        p
+    }
+
+    /// Loads a secret named by an environment variable or a file (trailing newline trimmed).
+    fn secret(
+        &mut self,
+        path: &str,
+        env_key: &str,
+        env: Option<&str>,
+        file_key: &str,
+        file: Option<&str>,
+    ) -> Option<Secret> {
+        let bytes = match (env, file) {
+            (Some(_), Some(_)) => {
+                self.error(path, format!("give {env_key} or {file_key}, not both"));
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    path,
+                    format!("a secret is needed: give {env_key} (an environment variable) or {file_key} (a file)"),
+                );
+                return None;
+            }
+            (Some(var), None) => match (self.env)(var) {
+                Some(value) => value.into_bytes(),
+                None => {
+                    self.error(
+                        format!("{path}.{env_key}"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    return None;
+                }
+            },
+            (None, Some(file)) => {
+                let p = self.file_path(file);
+                match std::fs::read(&p) {
+                    Ok(mut bytes) => {
+                        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                            bytes.pop();
+                        }
+                        bytes
+                    }
+                    Err(e) => {
+                        self.error(
+                            format!("{path}.{file_key}"),
+                            format!("cannot read {}: {e}", p.display()),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        if bytes.len() < MIN_SECRET_BYTES {
+            self.error(
+                path,
+                format!(
+                    "the secret is {} bytes; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes",
+                    bytes.len()
+                ),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    fn positive(&mut self, path: &str, value: Option<i64>, default: u64, allow_zero: bool) -> u64 {
+        match value {
+            None => default,
+            Some(n) if n > 0 || (allow_zero && n == 0) => n as u64,
+            Some(n) => {
+                let want = if allow_zero {
+                    "0 or more"
+                } else {
+                    "at least 1"
+                };
+                self.error(path, format!("{n} is out of range: it must be {want}"));
+                default
+            }
+        }
+    }
+
+    fn config(&mut self, raw: raw::RawConfig) -> Option<Config> {
+        let server = self.server(raw.server);
+        let upstream = self.upstream(raw.upstream);
+        let admin = self.admin(raw.admin);
+        let store = self.store(raw.store);
+        let jwt = self.jwt(raw.jwt);
+        let signature = self.signature(raw.signature);
+        let routes: Vec<Route> = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.route(i, r, &jwt, &signature, server.tls.as_ref()))
+            .collect();
+        self.route_warnings(&routes);
+        if server.listen == admin.listen && server.listen.port() != 0 {
+            self.error(
+                "admin.listen",
+                format!("{} is also server.listen", admin.listen),
+            );
+        }
+        Some(Config {
+            server,
+            upstream: upstream?,
+            admin,
+            store,
+            jwt,
+            signature,
+            routes,
+            warnings: std::mem::take(&mut self.warnings),
+        })
+    }
+
+    fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
+        let listen = self.socket_addr("server.listen", raw.listen.as_deref(), "0.0.0.0:8080");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = self.positive("server.threads", raw.threads, cores as u64, false);
+        if threads > 1024 {
+            self.error("server.threads", format!("{threads} is more than 1024"));
+        }
+        let drain_timeout = self.duration(
+            "server.drain_timeout",
+            raw.drain_timeout.as_deref(),
+            Duration::from_secs(20),
+        );
+        let max_body_bytes =
+            self.positive("server.max_body_bytes", raw.max_body_bytes, 1 << 20, true);
+        let header_read_timeout = self.duration(
+            "server.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+        );
+        if header_read_timeout.is_zero() {
+            self.error("server.header_read_timeout", "must be more than 0s");
+        }
+        let tls = raw.tls.map(|t| self.tls(t));
+        ServerConfig {
+            listen,
+            threads: threads.min(1024) as usize,
+            drain_timeout,
+            max_body_bytes,
+            header_read_timeout,
+            tls,
+        }
+    }
+
+    fn tls(&mut self, raw: raw::RawTls) -> TlsConfig {
+        let cert = self.existing_file("server.tls.cert", &raw.cert);
+        let key = self.existing_file("server.tls.key", &raw.key);
+        let client_ca = raw
+            .client_ca
+            .as_deref()
+            .map(|ca| self.existing_file("server.tls.client_ca", ca));
+        let client_cert = match raw.client_cert.as_deref() {
+            None | Some("optional") => ClientCertMode::Optional,
+            Some("required") => ClientCertMode::Required,
+            Some(other) => {
+                self.error(
+                    "server.tls.client_cert",
+                    format!("{other:?} is not \"optional\" or \"required\""),
+                );
+                ClientCertMode::Optional
+            }
+        };
+        if raw.client_cert.is_some() && client_ca.is_none() {
+            self.error(
+                "server.tls.client_cert",
+                "client certificates need server.tls.client_ca to verify them against",
+            );
+        }
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => TlsVersion::Tls12,
+            Some("1.3") => TlsVersion::Tls13,
+            Some(other) => {
+                self.error(
+                    "server.tls.min_version",
+                    format!("{other:?} is not \"1.2\" or \"1.3\""),
+                );
+                TlsVersion::Tls12
+            }
+        };
+        // Fail loudly rather than serve plain HTTP where TLS was asked for.
+        self.error(
+            "server.tls",
+            "TLS termination is not available in this build yet; remove [server.tls] and terminate TLS in front of portcullis",
+        );
+        TlsConfig {
+            cert,
+            key,
+            client_ca,
+            client_cert,
+            min_version,
+        }
+    }
+
+    fn upstream(&mut self, raw: Option<raw::RawUpstream>) -> Option<UpstreamConfig> {
+        let Some(raw) = raw else {
+            self.error("upstream", "the [upstream] section with url is required");
+            return None;
+        };
+        let url = match raw.url.parse::<Uri>() {
+            Ok(uri) => {
+                let scheme_ok = matches!(uri.scheme_str(), Some("http"));
+                let https = matches!(uri.scheme_str(), Some("https"));
+                let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+                if https {
+                    self.error(
+                        "upstream.url",
+                        "https upstreams are not available in this build yet; use http://",
+                    );
+                } else if !scheme_ok || uri.authority().is_none() {
+                    self.error(
+                        "upstream.url",
+                        format!("{:?} is not an http:// URL with a host", raw.url),
+                    );
+                } else if !path_ok {
+                    self.error(
+                        "upstream.url",
+                        "the upstream URL takes no path or query: the request's own path is sent",
+                    );
+                }
+                Some(uri)
+            }
+            Err(e) => {
+                self.error("upstream.url", format!("{:?} is not a URL: {e}", raw.url));
+                None
+            }
+        };
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout.as_deref(),
+            Duration::from_secs(2),
+        );
+        let request_timeout = self.duration(
+            "upstream.request_timeout",
+            raw.request_timeout.as_deref(),
+            Duration::from_secs(30),
+        );
+        let ca = raw
+            .ca
+            .as_deref()
+            .map(|ca| self.existing_file("upstream.ca", ca));
+        let mut pins = Vec::new();
+        for (i, pin) in raw.pins.iter().enumerate() {
+            match decode_pin(pin.strip_prefix("sha256/").unwrap_or("")) {
+                Some(p) => pins.push(p),
+                None => self.error(
+                    format!("upstream.pins[{i}]"),
+                    format!("{pin:?} is not \"sha256/\" followed by the base64 of 32 bytes"),
+                ),
+            }
+        }
+        Some(UpstreamConfig {
+            url: url?,
+            connect_timeout,
+            request_timeout,
+            ca,
+            pins,
+        })
+    }
+
+    fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
+        let listen = self.socket_addr("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901");
+        let token = if raw.token_env.is_some() || raw.token_file.is_some() {
+            self.secret(
+                "admin",
+                "token_env",
+                raw.token_env.as_deref(),
+                "token_file",
+                raw.token_file.as_deref(),
+            )
+        } else {
+            None
+        };
+        AdminConfig { listen, token }
+    }
+
+    fn store(&mut self, raw: raw::RawStore) -> StoreConfig {
+        let backend = match (raw.backend.as_deref(), raw.url) {
+            (None | Some("memory"), None) => StoreBackend::Memory,
+            (None | Some("memory"), Some(_)) => {
+                self.error("store.url", "store.url is for backend = \"redis\"");
+                StoreBackend::Memory
+            }
+            (Some("redis"), Some(url)) => {
+                let known = [
+                    "redis://",
+                    "rediss://",
+                    "redis-cluster://",
+                    "redis-sentinel://",
+                ];
+                if !known.iter().any(|p| url.starts_with(p)) {
+                    self.error(
+                        "store.url",
+                        format!("{url:?} must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"),
+                    );
+                }
+                StoreBackend::Redis { url }
+            }
+            (Some("redis"), None) => {
+                self.error("store.url", "backend = \"redis\" needs a url");
+                StoreBackend::Memory
+            }
+            (Some(other), _) => {
+                self.error(
+                    "store.backend",
+                    format!("{other:?} is not \"memory\" or \"redis\""),
+                );
+                StoreBackend::Memory
+            }
+        };
+        let on_error = match raw.on_error.as_deref() {
+            None | Some("deny") => OnStoreError::Deny,
+            Some("allow") => OnStoreError::Allow,
+            Some(other) => {
+                self.error(
+                    "store.on_error",
+                    format!("{other:?} is not \"deny\" or \"allow\""),
+                );
+                OnStoreError::Deny
+            }
+        };
+        let timeout = self.duration(
+            "store.timeout",
+            raw.timeout.as_deref(),
+            Duration::from_millis(100),
+        );
+        let revocation_max_lag = self.duration(
+            "store.revocation_max_lag",
+            raw.revocation_max_lag.as_deref(),
+            Duration::from_secs(5),
+        );
+        StoreConfig {
+            backend,
+            on_error,
+            timeout,
+            revocation_max_lag,
+        }
+    }
+
+    fn jwt(&mut self, raw: raw::RawJwt) -> JwtConfig {
+        let leeway = self.duration("jwt.leeway", raw.leeway.as_deref(), Duration::from_secs(30));
+        if leeway > Duration::from_secs(300) {
+            self.error(
+                "jwt.leeway",
+                "a leeway above 300s would accept long-expired tokens",
+            );
+        }
+        let verified_cache = self.positive("jwt.verified_cache", raw.verified_cache, 10_000, true);
+        let mut issuers = Vec::new();
+        for (i, r) in raw.issuers.into_iter().enumerate() {
+            let issuer = self.issuer(&format!("jwt.issuers[{i}]"), r);
+            if issuers
+                .iter()
+                .any(|other: &IssuerConfig| other.issuer == issuer.issuer)
+            {
+                self.error(
+                    format!("jwt.issuers[{i}].issuer"),
+                    format!("{:?} is configured twice", issuer.issuer),
+                );
+            }
+            issuers.push(issuer);
+        }
+        JwtConfig {
+            leeway,
+            verified_cache,
+            issuers,
+        }
+    }
+
+    fn issuer(&mut self, at: &str, raw: raw::RawIssuer) -> IssuerConfig {
+        if raw.issuer.is_empty() {
+            self.error(format!("{at}.issuer"), "must not be empty");
+        }
+        let mut algorithms = Vec::new();
+        for (j, name) in raw.algorithms.iter().enumerate() {
+            match parse_algorithm(name) {
+                Some(a) if !algorithms.contains(&a) => algorithms.push(a),
+                Some(_) => {}
+                None => self.error(
+                    format!("{at}.algorithms[{j}]"),
+                    format!("{name:?} is not one of RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA HS256 HS384 HS512"),
+                ),
+            }
+        }
+        if raw.algorithms.is_empty() {
+            self.error(
+                format!("{at}.algorithms"),
+                "list the accepted algorithms, e.g. [\"RS256\"]",
+            );
+        }
+        let jwks = match (raw.jwks_url, raw.jwks_file) {
+            (Some(_), Some(_)) => {
+                self.error(at, "give jwks_url or jwks_file, not both");
+                None
+            }
+            (Some(url), None) => {
+                match url.parse::<Uri>() {
+                    Ok(u)
+                        if matches!(u.scheme_str(), Some("http" | "https"))
+                            && u.authority().is_some() => {}
+                    _ => self.error(
+                        format!("{at}.jwks_url"),
+                        format!("{url:?} is not an http(s) URL"),
+                    ),
+                }
+                Some(JwksSource::Url(url))
+            }
+            (None, Some(file)) => Some(JwksSource::File(
+                self.existing_file(&format!("{at}.jwks_file"), &file),
+            )),
+            (None, None) => None,
+        };
+        let mut secrets = Vec::new();
+        for (j, s) in raw.secrets.iter().enumerate() {
+            let path = format!("{at}.secrets[{j}]");
+            if s.kid.is_empty() {
+                self.error(format!("{path}.kid"), "must not be empty");
+            }
+            if let Some(secret) =
+                self.secret(&path, "env", s.env.as_deref(), "file", s.file.as_deref())
+            {
+                secrets.push((s.kid.clone(), secret));
+            }
+        }
+        let has_hmac = algorithms.iter().any(is_hmac);
+        let has_public = algorithms.iter().any(|a| !is_hmac(a));
+        if has_hmac && raw.secrets.is_empty() {
+            self.error(format!("{at}.secrets"), "HS* algorithms need secrets");
+        }
+        if has_public && jwks.is_none() {
+            self.error(at, "public-key algorithms need jwks_url or jwks_file");
+        }
+        if !has_hmac && !raw.secrets.is_empty() {
+            self.error(
+                format!("{at}.secrets"),
+                "secrets are only used with HS256, HS384 or HS512 in algorithms",
+            );
+        }
+        if jwks.is_none()
+            && raw.secrets.is_empty()
+            && !raw.algorithms.is_empty()
+            && algorithms.is_empty()
+        {
+            self.error(at, "no keys: give jwks_url, jwks_file or secrets");
+        }
+        let required_claims = raw
+            .required_claims
+            .unwrap_or_else(|| vec!["sub".into(), "exp".into(), "iat".into()]);
+        let max_lifetime = self.duration(
+            &format!("{at}.max_lifetime"),
+            raw.max_lifetime.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        let jwks_refresh = self.duration(
+            &format!("{at}.jwks_refresh"),
+            raw.jwks_refresh.as_deref(),
+            Duration::from_secs(300),
+        );
+        let jwks_min_refetch = self.duration(
+            &format!("{at}.jwks_min_refetch"),
+            raw.jwks_min_refetch.as_deref(),
+            Duration::from_secs(30),
+        );
+        let jwks_max_stale = self.duration(
+            &format!("{at}.jwks_max_stale"),
+            raw.jwks_max_stale.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        if jwks_refresh.is_zero() {
+            self.error(format!("{at}.jwks_refresh"), "must be more than 0s");
+        }
+        IssuerConfig {
+            issuer: raw.issuer,
+            audiences: raw.audiences,
+            algorithms,
+            jwks,
+            secrets,
+            permissions_claim: raw
+                .permissions_claim
+                .unwrap_or_else(|| "permissions".into()),
+            required_claims,
+            max_lifetime,
+            jwks_refresh,
+            jwks_min_refetch,
+            jwks_max_stale,
+        }
+    }
+
+    fn signature(&mut self, raw: raw::RawSignature) -> SignatureConfig {
+        let max_skew = self.duration(
+            "signature.max_skew",
+            raw.max_skew.as_deref(),
+            Duration::from_secs(300),
+        );
+        if max_skew.is_zero() {
+            self.error("signature.max_skew", "must be more than 0s");
+        }
+        let mut keys: Vec<SignatureKey> = Vec::new();
+        for (i, k) in raw.keys.into_iter().enumerate() {
+            let at = format!("signature.keys[{i}]");
+            if k.id.is_empty() || k.client.is_empty() {
+                self.error(&at, "id and client must not be empty");
+            }
+            if keys.iter().any(|other| other.id == k.id) {
+                self.error(
+                    format!("{at}.id"),
+                    format!("{:?} is used by another key", k.id),
+                );
+            }
+            let algorithm = match k.algorithm.as_deref() {
+                None | Some("hmac-sha256") => SignatureAlgorithm::HmacSha256,
+                Some("hmac-sha512") => SignatureAlgorithm::HmacSha512,
+                Some(other) => {
+                    self.error(
+                        format!("{at}.algorithm"),
+                        format!("{other:?} is not \"hmac-sha256\" or \"hmac-sha512\""),
+                    );
+                    SignatureAlgorithm::HmacSha256
+                }
+            };
+            let not_before = k
+                .not_before
+                .as_deref()
+                .and_then(|t| self.timestamp(&format!("{at}.not_before"), t));
+            let not_after = k
+                .not_after
+                .as_deref()
+                .and_then(|t| self.timestamp(&format!("{at}.not_after"), t));
+            if let (Some(a), Some(b)) = (not_before, not_after) {
+                if b <= a {
+                    self.error(format!("{at}.not_after"), "must be later than not_before");
+                }
+            }
+            let secret = self.secret(
+                &at,
+                "secret_env",
+                k.secret_env.as_deref(),
+                "secret_file",
+                k.secret_file.as_deref(),
+            );
+            if let Some(secret) = secret {
+                keys.push(SignatureKey {
+                    id: k.id,
+                    client: k.client,
+                    secret,
+                    algorithm,
+                    not_before,
+                    not_after,
+                });
+            }
+        }
+        SignatureConfig { max_skew, keys }
+    }
+
+    fn timestamp(&mut self, path: &str, text: &str) -> Option<SystemTime> {
+        match humantime::parse_rfc3339(text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error(
+                    path,
+                    format!(
+                        "{text:?} is not an RFC 3339 time such as \"2026-11-01T00:00:00Z\" ({e})"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        raw: raw::RawRoute,
+        jwt: &JwtConfig,
+        signature: &SignatureConfig,
+        tls: Option<&TlsConfig>,
+    ) -> Option<Route> {
+        let at = format!("routes[{i}]");
+        let errors_before = self.errors.len();
+        if raw.name.is_empty() {
+            self.error(format!("{at}.name"), "must not be empty");
+        }
+        let path_prefix = match path::normalize(&raw.path_prefix) {
+            Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => p,
+            Ok(p) => {
+                self.error(
+                    format!("{at}.path_prefix"),
+                    format!(
+                        "{:?} is not in normal form; write {:?}",
+                        raw.path_prefix,
+                        p.trim_end_matches('/')
+                    ),
+                );
+                p
+            }
+            Err(e) => {
+                self.error(
+                    format!("{at}.path_prefix"),
+                    format!("{:?}: {e}", raw.path_prefix),
+                );
+                raw.path_prefix.clone()
+            }
+        };
+        let methods = raw.methods.as_ref().map(|ms| {
+            let mut out = Vec::new();
+            for (j, m) in ms.iter().enumerate() {
+                let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+                match Method::from_bytes(m.as_bytes()) {
+                    Ok(method) if valid => out.push(method),
+                    _ => self.error(
+                        format!("{at}.methods[{j}]"),
+                        format!("{m:?} is not an upper-case HTTP method"),
+                    ),
+                }
+            }
+            if ms.is_empty() {
+                self.error(
+                    format!("{at}.methods"),
+                    "an empty list allows nothing; leave methods out to allow any",
+                );
+            }
+            out
+        });
+        let mut require = Requirements::default();
+        for (j, r) in raw.require.iter().enumerate() {
+            match r.as_str() {
+                "jwt" => require.jwt = true,
+                "signature" => require.signature = true,
+                "mtls" => require.mtls = true,
+                other => self.error(
+                    format!("{at}.require[{j}]"),
+                    format!("{other:?} is not \"mtls\", \"signature\" or \"jwt\""),
+                ),
+            }
+        }
+        if require.jwt && jwt.issuers.is_empty() {
+            self.error(
+                format!("{at}.require"),
+                "\"jwt\" needs at least one [[jwt.issuers]]",
+            );
+        }
+        if require.signature {
+            if signature.keys.is_empty() {
+                self.error(
+                    format!("{at}.require"),
+                    "\"signature\" needs at least one [[signature.keys]]",
+                );
+            }
+            self.error(
+                format!("{at}.require"),
+                "\"signature\" checks are not available in this build yet",
+            );
+        }
+        if require.mtls {
+            if tls.and_then(|t| t.client_ca.as_ref()).is_none() {
+                self.error(
+                    format!("{at}.require"),
+                    "\"mtls\" needs server.tls.client_ca",
+                );
+            }
+        }
+        if !raw.permissions.is_empty() && !require.jwt {
+            self.error(
+                format!("{at}.permissions"),
+                "permissions come from the JWT: add \"jwt\" to require",
+            );
+        }
+        let content_types = raw.content_types.as_ref().map(|cts| {
+            cts.iter()
+                .enumerate()
+                .filter_map(|(j, ct)| {
+                    let lower = ct.trim().to_ascii_lowercase();
+                    let valid = lower.split_once('/').is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && !b.is_empty()
+                            && !lower.contains(';')
+                            && !lower.contains(' ')
+                    });
+                    if valid {
+                        Some(lower)
+                    } else {
+                        self.error(
+                            format!("{at}.content_types[{j}]"),
+                            format!("{ct:?} is not a media type such as \"application/json\""),
+                        );
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let rate_limit = raw.rate_limit.as_ref().and_then(|rl| {
+            let per = self.duration(
+                &format!("{at}.rate_limit.per"),
+                Some(&rl.per),
+                Duration::from_secs(60),
+            );
+            if rl.requests < 1 {
+                self.error(format!("{at}.rate_limit.requests"), "must be at least 1");
+            }
+            if per < Duration::from_secs(1) {
+                self.error(format!("{at}.rate_limit.per"), "must be at least 1s");
+            }
+            let key = match rl.key.as_str() {
+                "subject" => RateLimitKey::Subject,
+                "client" => RateLimitKey::Client,
+                "certificate" => RateLimitKey::Certificate,
+                "ip" => RateLimitKey::Ip,
+                other => {
+                    self.error(
+                        format!("{at}.rate_limit.key"),
+                        format!(
+                            "{other:?} is not \"subject\", \"client\", \"certificate\" or \"ip\""
+                        ),
+                    );
+                    RateLimitKey::Ip
+                }
+            };
+            self.error(
+                format!("{at}.rate_limit"),
+                "rate limits are not available in this build yet",
+            );
+            Some(RateLimit {
+                requests: rl.requests.max(1) as u64,
+                per,
+                key,
+            })
+        });
+        let client_certs = raw.client_certs.as_ref().map(|cc| {
+            let mut spki = Vec::new();
+            for (j, pin) in cc.spki_sha256.iter().enumerate() {
+                match decode_pin(pin) {
+                    Some(p) => spki.push(p),
+                    None => self.error(
+                        format!("{at}.client_certs.spki_sha256[{j}]"),
+                        format!("{pin:?} is not the base64 of 32 bytes"),
+                    ),
+                }
+            }
+            if !require.mtls {
+                self.error(
+                    format!("{at}.client_certs"),
+                    "client_certs needs \"mtls\" in require",
+                );
+            }
+            ClientCertAllowList {
+                dns: cc.dns.clone(),
+                uri: cc.uri.clone(),
+                spki_sha256: spki,
+            }
+        });
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(Route {
+            name: raw.name,
+            path_prefix,
+            methods,
+            require,
+            permissions: raw.permissions,
+            content_types,
+            rate_limit,
+            client_certs,
+        })
+    }
+
+    fn route_warnings(&mut self, routes: &[Route]) {
+        if routes.is_empty() {
+            self.warnings
+                .push("no [[routes]]: every request will be 404 no_route".into());
+        }
+        for (j, later) in routes.iter().enumerate() {
+            for (i, earlier) in routes[..j].iter().enumerate() {
+                let covers_path = path::prefix_matches(&earlier.path_prefix, &later.path_prefix);
+                let covers_methods = match (&earlier.methods, &later.methods) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(e), Some(l)) => l.iter().all(|m| e.contains(m)),
+                };
+                if covers_path && covers_methods {
+                    self.warnings.push(format!(
+                        "routes[{j}] ({:?}) is shadowed by routes[{i}] ({:?}): it can never match",
+                        later.name, earlier.name
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        _ => return None,
+    })
+}
+
+fn is_hmac(a: &Algorithm) -> bool {
+    matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn decode_pin(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    bytes.try_into().ok()
+}

@@ -1,0 +1,8 @@
+//! portcullis: a reverse-proxy sidecar that verifies every request before the service behind it
+//! sees it. [`run`] is what both the binary and the tests call.
+
+pub mod auth;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod proxy;

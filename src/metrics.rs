@@ -1,0 +1,135 @@
+//! Prometheus metrics, served by the admin listener at `/metrics`. One registry per running
+//! proxy (so tests that start several proxies in one process do not share counters).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    code: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwksLabels {
+    issuer: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
+}
+
+/// The proxy's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    // The registry is only locked at scrape time, never on the request path.
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    jwks_refreshes: Family<JwksLabels, Counter>,
+    keys_age: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, outcome code (ok when forwarded) and status",
+            requests.clone(),
+        );
+        let duration = Histogram::new(
+            [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head, in seconds",
+            duration.clone(),
+        );
+        let jwks_refreshes = Family::<JwksLabels, Counter>::default();
+        registry.register(
+            "jwks_refreshes",
+            "JWKS loads by issuer and result (ok, error, invalid)",
+            jwks_refreshes.clone(),
+        );
+        let keys_age = Family::<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "jwks_keys_age_seconds",
+            "Seconds since the issuer's keys were last loaded successfully",
+            keys_age.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            duration,
+            jwks_refreshes,
+            keys_age,
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, route: &str, code: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                code: code.to_owned(),
+                status,
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one JWKS load attempt; `result` is `ok`, `error` (fetch failed) or `invalid`
+    /// (fetched but unusable).
+    pub fn jwks_refresh(&self, issuer: &str, result: &str) {
+        self.jwks_refreshes
+            .get_or_create(&JwksLabels {
+                issuer: issuer.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the age of an issuer's keys (called at scrape time).
+    pub fn set_keys_age(&self, issuer: &str, age: Duration) {
+        self.keys_age
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+            })
+            .set(age.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = match self.registry.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
