@@ -316,7 +316,7 @@ impl Config {
         let config = v.config(raw);
         if v.errors.is_empty() {
             // Every field is filled when no error was recorded.
-            config.ok_or_else(|| ConfigErrors(v.errors))
+            config.ok_or(ConfigErrors(v.errors))
         } else {
             Err(ConfigErrors(v.errors))
         }
@@ -1068,14 +1068,13 @@ impl Validator<'_> {
                 "\"signature\" checks are not available in this build yet",
             );
         }
-        if require.mtls {
-            if tls.and_then(|t| t.client_ca.as_ref()).is_none() {
+        if require.mtls
+            && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
                 self.error(
                     format!("{at}.require"),
                     "\"mtls\" needs server.tls.client_ca",
                 );
             }
-        }
         if !raw.permissions.is_empty() && !require.jwt {
             self.error(
                 format!("{at}.permissions"),
@@ -1105,7 +1104,7 @@ impl Validator<'_> {
                 })
                 .collect::<Vec<_>>()
         });
-        let rate_limit = raw.rate_limit.as_ref().and_then(|rl| {
+        let rate_limit = raw.rate_limit.as_ref().map(|rl| {
             let per = self.duration(
                 &format!("{at}.rate_limit.per"),
                 Some(&rl.per),
@@ -1136,11 +1135,11 @@ impl Validator<'_> {
                 format!("{at}.rate_limit"),
                 "rate limits are not available in this build yet",
             );
-            Some(RateLimit {
+            RateLimit {
                 requests: rl.requests.max(1) as u64,
                 per,
                 key,
-            })
+            }
         });
         let client_certs = raw.client_certs.as_ref().map(|cc| {
             let mut spki = Vec::new();

@@ -1,1 +1,336 @@
+//! The per-request pipeline: strip spoofable and hop-by-hop headers, normalise the path, match
+//! a route (default deny), run the route's checks cheapest first, then forward with the verified
+//! identity attached. Every rejection leaves through [`crate::problem`].
+
+mod forward;
+pub(crate) mod headers;
 pub mod path;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::auth::{self, AuthError, Identity, JwtVerifier};
+use crate::config::{Config, Route, RouteMatch};
+use crate::metrics::Metrics;
+use crate::problem::Rejection;
+use forward::{LimitedBody, Upstream};
+
+/// The response body type of the proxy.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+/// Errors of a streamed body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the proxy knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// The request pipeline, shared by every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    config: Arc<Config>,
+    jwt: JwtVerifier,
+    upstream: Upstream,
+    upstream_base: (http::uri::Scheme, http::uri::Authority),
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// Builds the pipeline.
+    pub fn new(config: Arc<Config>, jwt: JwtVerifier, metrics: Arc<Metrics>) -> Self {
+        let url = &config.upstream.url;
+        let upstream_base = (
+            url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            url.authority()
+                .cloned()
+                // Config validation refuses an upstream URL without a host.
+                .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
+        );
+        Self {
+            upstream: Upstream::new(&config.upstream),
+            config,
+            jwt,
+            upstream_base,
+            metrics,
+        }
+    }
+
+    /// Handles one request end to end; never fails (a failure is a problem response).
+    pub async fn handle(&self, request: Request<Incoming>, conn: ConnectionInfo) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = headers::request_id(request.headers());
+        let mut outcome = Outcome::default();
+        let mut response = match self.process(request, conn, &request_id, &mut outcome).await {
+            Ok(response) => response,
+            Err(rejection) => {
+                tracing::info!(
+                    request_id = %request_id,
+                    route = outcome.route.unwrap_or("-"),
+                    code = rejection.code(),
+                    status = rejection.status().as_u16(),
+                    subject = outcome.subject.as_deref().unwrap_or("-"),
+                    detail = %rejection,
+                    "request rejected"
+                );
+                outcome.code = rejection.code();
+                rejection.to_response(&request_id)
+            }
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(headers::X_REQUEST_ID, value);
+        }
+        self.metrics.request(
+            outcome.route.unwrap_or(""),
+            outcome.code,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+        response
+    }
+
+    async fn process<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        conn: ConnectionInfo,
+        request_id: &str,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Body>, Rejection> {
+        let (mut parts, body) = request.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::remove_spoofable(&mut parts.headers);
+
+        let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
+        let route = match self.config.match_route(&path, &parts.method) {
+            RouteMatch::Found(route) => route,
+            RouteMatch::MethodNotAllowed => {
+                return Err(Rejection::MethodNotAllowed(parts.method.to_string()))
+            }
+            RouteMatch::NoRoute => return Err(Rejection::NoRoute(path)),
+        };
+        outcome.route = Some(&route.name);
+
+        let limit = self.config.server.max_body_bytes;
+        if let Some(length) = content_length(&parts.headers) {
+            if length > limit {
+                return Err(Rejection::BodyTooLarge(limit));
+            }
+        }
+        check_content_type(route, &parts.headers)?;
+
+        let identity = self.check(route, &parts.headers).await;
+        if let Some(token) = identity.as_ref().ok().and_then(|i| i.token.as_ref()) {
+            outcome.subject = token.subject.clone();
+        }
+        let identity = identity?;
+
+        // Forward: the normalised path, the original query.
+        let target = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let original_host = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        parts.uri = Uri::builder()
+            .scheme(self.upstream_base.0.clone())
+            .authority(self.upstream_base.1.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| Rejection::InvalidPath(path::InvalidPath::BrokenEscape))?;
+        parts.version = Version::HTTP_11;
+        if let Some(host) = &original_host {
+            if parts.headers.get(HOST).is_none() {
+                headers::set(&mut parts.headers, HOST, host);
+            }
+            headers::set(&mut parts.headers, headers::X_FORWARDED_HOST, host);
+        }
+        add_identity(&mut parts.headers, &identity)?;
+        headers::set(&mut parts.headers, headers::X_REQUEST_ID, request_id);
+        let peer_ip = conn.peer.ip().to_string();
+        let forwarded_for = match parts
+            .headers
+            .get(&headers::X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {peer_ip}"),
+            None => peer_ip,
+        };
+        headers::set(&mut parts.headers, headers::X_FORWARDED_FOR, &forwarded_for);
+        headers::set(
+            &mut parts.headers,
+            headers::X_FORWARDED_PROTO,
+            if conn.tls { "https" } else { "http" },
+        );
+
+        let limit_hit = Arc::new(AtomicBool::new(false));
+        let body = LimitedBody::new(body, limit, limit_hit.clone());
+        let upstream_request = Request::from_parts(parts, body);
+        let response = self
+            .upstream
+            .send(upstream_request, limit_hit, limit)
+            .await?;
+        let (mut parts, body) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| Box::new(e) as BoxError).boxed(),
+        ))
+    }
+
+    /// Runs the route's checks in DESIGN.md's order (cheapest first).
+    async fn check(&self, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Rejection> {
+        let mut identity = Identity::default();
+        if route.require.jwt {
+            let token = bearer_token(headers)?;
+            let verified = self.jwt.verify(token, unix_now()).await?;
+            identity.token = Some(verified);
+        }
+        if !route.permissions.is_empty() {
+            let granted = identity
+                .token
+                .as_ref()
+                .map(|t| t.permissions.as_slice())
+                .unwrap_or_default();
+            let missing = auth::missing_permissions(&route.permissions, granted);
+            if !missing.is_empty() {
+                return Err(AuthError::InsufficientPermissions(format!(
+                    "the token lacks {}",
+                    missing.join(", ")
+                ))
+                .into());
+            }
+        }
+        Ok(identity)
+    }
+}
+
+/// What the log line and metrics of a request say.
+#[derive(Debug)]
+struct Outcome<'a> {
+    route: Option<&'a str>,
+    code: &'static str,
+    subject: Option<String>,
+}
+
+impl Default for Outcome<'_> {
+    fn default() -> Self {
+        Self {
+            route: None,
+            code: "ok",
+            subject: None,
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn check_content_type(route: &Route, headers: &http::HeaderMap) -> Result<(), Rejection> {
+    let Some(allowed) = &route.content_types else {
+        return Ok(());
+    };
+    let sent = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match sent {
+        Some(media_type) if allowed.contains(&media_type) => Ok(()),
+        Some(media_type) => Err(Rejection::UnsupportedMediaType(format!(
+            "content type {media_type} is not accepted here; send {}",
+            allowed.join(" or ")
+        ))),
+        None => Err(Rejection::UnsupportedMediaType(format!(
+            "no content type was sent; send {}",
+            allowed.join(" or ")
+        ))),
+    }
+}
+
+/// The token of the one `Authorization: Bearer` header.
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, AuthError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(AuthError::MissingCredentials);
+    };
+    if values.next().is_some() {
+        return Err(AuthError::MalformedToken(
+            "more than one Authorization header".into(),
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| AuthError::MalformedToken("the Authorization header is not ASCII".into()))?;
+    let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::MissingCredentials);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::MalformedToken(
+            "the bearer token is empty".into(),
+        ));
+    }
+    Ok(token)
+}
+
+/// Adds the verified identity. A claim that a header cannot carry (a control character) refuses
+/// the request: forwarding without it could read as an anonymous caller upstream.
+fn add_identity(headers: &mut http::HeaderMap, identity: &Identity) -> Result<(), AuthError> {
+    if let Some(token) = &identity.token {
+        let unsendable = |claim: &str| {
+            AuthError::MalformedToken(format!(
+                "the {claim} claim holds characters a header cannot carry"
+            ))
+        };
+        if let Some(subject) = &token.subject {
+            if !headers::set(headers, headers::X_AUTH_SUBJECT, subject) {
+                return Err(unsendable("sub"));
+            }
+        }
+        if !headers::set(headers, headers::X_AUTH_ISSUER, &token.issuer) {
+            return Err(unsendable("iss"));
+        }
+        if !headers::set(
+            headers,
+            headers::X_AUTH_PERMISSIONS,
+            &token.permissions_header,
+        ) {
+            return Err(unsendable("permissions"));
+        }
+        if !headers::set(headers, headers::X_AUTH_CLAIMS, &token.payload_b64) {
+            return Err(unsendable("payload"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The admin listener: `/healthz` (the process is alive), `/readyz` (every issuer's keys are
+//! loaded; stale keys are reported but still ready while they are served) and `/metrics`
+//! (Prometheus text). It listens on its own address, loopback by default.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+use crate::problem::full_body;
+use crate::proxy::Body;
+
+/// The admin endpoints.
+#[derive(Debug)]
+pub struct Admin {
+    keys: Arc<KeyStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// Builds the admin endpoints over the proxy's key store and metrics.
+    pub fn new(keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
+        Self { keys, metrics }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
+        }
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => self.readyz(),
+            "/metrics" => {
+                for status in self.keys.status() {
+                    if let Some(age) = status.age {
+                        self.metrics.set_keys_age(&status.issuer, age);
+                    }
+                }
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
+            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let statuses = self.keys.status();
+        let ready = statuses.iter().all(|s| s.loaded);
+        let issuers: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|s| {
+                let state = match (s.loaded, s.stale) {
+                    (false, _) => "unavailable",
+                    (true, true) => "stale",
+                    (true, false) => "fresh",
+                };
+                serde_json::json!({
+                    "issuer": s.issuer,
+                    "keys": state,
+                    "age_seconds": s.age.map(|a| a.as_secs()),
+                    "last_error": s.last_error,
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "issuers": issuers,
+        });
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        text(status, "application/json", format!("{body}\n"))
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(full_body(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,173 @@
+//! The one place where a rejection becomes an HTTP response: RFC 9457 problem+json with the
+//! stable `code` of DESIGN.md, `WWW-Authenticate` per RFC 6750 for bearer-token failures. The
+//! mapping is an exhaustive `match` so that a new error cannot silently become a 500.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::auth::AuthError;
+use crate::proxy::path::InvalidPath;
+use crate::proxy::Body;
+
+/// Why a request was not forwarded, or why forwarding failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The path cannot be normalised safely.
+    #[error("{0}")]
+    InvalidPath(InvalidPath),
+    /// No route's prefix matches the path: default deny.
+    #[error("no route matches {0}")]
+    NoRoute(String),
+    /// A route matches the path, but none allows the method.
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("the body is larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// The route accepts other content types.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A check refused the credentials.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    /// The upstream could not be reached or broke the exchange.
+    #[error("the upstream service is unavailable")]
+    UpstreamUnavailable,
+    /// The upstream did not answer within `upstream.request_timeout`.
+    #[error("the upstream service did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl Rejection {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidPath(_) => "invalid_path",
+            Self::NoRoute(_) => "no_route",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::BodyTooLarge(_) => "body_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Auth(e) => match e {
+                AuthError::MissingCredentials => "missing_credentials",
+                AuthError::MalformedToken(_) => "malformed_token",
+                AuthError::TokenExpired(_) => "token_expired",
+                AuthError::TokenNotYetValid(_) => "token_not_yet_valid",
+                AuthError::TokenLifetimeExceeded(_) => "token_lifetime_exceeded",
+                AuthError::InvalidTokenSignature => "invalid_token_signature",
+                AuthError::UnknownKey(_) => "unknown_key",
+                AuthError::InvalidIssuer(_) => "invalid_issuer",
+                AuthError::InvalidAudience(_) => "invalid_audience",
+                AuthError::AlgorithmNotAllowed(_) => "algorithm_not_allowed",
+                AuthError::MissingClaim(_) => "missing_claim",
+                AuthError::InsufficientPermissions(_) => "insufficient_permissions",
+                AuthError::KeysUnavailable(_) => "keys_unavailable",
+            },
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Auth(e) => match e {
+                AuthError::InsufficientPermissions(_) => StatusCode::FORBIDDEN,
+                AuthError::KeysUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::MissingCredentials
+                | AuthError::MalformedToken(_)
+                | AuthError::TokenExpired(_)
+                | AuthError::TokenNotYetValid(_)
+                | AuthError::TokenLifetimeExceeded(_)
+                | AuthError::InvalidTokenSignature
+                | AuthError::UnknownKey(_)
+                | AuthError::InvalidIssuer(_)
+                | AuthError::InvalidAudience(_)
+                | AuthError::AlgorithmNotAllowed(_)
+                | AuthError::MissingClaim(_) => StatusCode::UNAUTHORIZED,
+            },
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge (RFC 6750), for bearer-token failures only.
+    fn challenge(&self) -> Option<String> {
+        let Self::Auth(e) = self else { return None };
+        match e {
+            AuthError::MissingCredentials => Some("Bearer realm=\"portcullis\"".to_owned()),
+            AuthError::InsufficientPermissions(_) => Some(format!(
+                "Bearer realm=\"portcullis\", error=\"insufficient_scope\", error_description=\"{}\"",
+                quoted_string(&e.to_string())
+            )),
+            AuthError::KeysUnavailable(_) => None,
+            AuthError::MalformedToken(_)
+            | AuthError::TokenExpired(_)
+            | AuthError::TokenNotYetValid(_)
+            | AuthError::TokenLifetimeExceeded(_)
+            | AuthError::InvalidTokenSignature
+            | AuthError::UnknownKey(_)
+            | AuthError::InvalidIssuer(_)
+            | AuthError::InvalidAudience(_)
+            | AuthError::AlgorithmNotAllowed(_)
+            | AuthError::MissingClaim(_) => Some(format!(
+                "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+                quoted_string(&e.to_string())
+            )),
+        }
+    }
+
+    /// The problem+json response for this rejection.
+    pub fn to_response(&self, request_id: &str) -> Response<Body> {
+        let status = self.status();
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "code": self.code(),
+            "detail": self.to_string(),
+            "request_id": request_id,
+        });
+        let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        if let Some(challenge) = self.challenge() {
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                headers.insert(WWW_AUTHENTICATE, value);
+            }
+        }
+        response
+    }
+}
+
+/// A complete body from bytes.
+pub(crate) fn full_body(bytes: Bytes) -> Body {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Makes `text` safe inside an RFC 7230 quoted-string of visible ASCII.
+fn quoted_string(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            c if c.is_ascii_graphic() || c == ' ' => c,
+            _ => '?',
+        })
+        .collect()
+}

@@ -1,0 +1,142 @@
+//! Header hygiene: what never crosses the proxy in either direction, and the identity headers
+//! the proxy adds. Stripping happens before any check reads a header, and the identity headers
+//! are added after the `Connection`-named headers are gone, so a client cannot use
+//! `Connection: x-auth-subject` to remove what the proxy adds.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the non-standard ones proxies still see).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Identity headers the upstream trusts; only the proxy may set them.
+pub(crate) const X_AUTH_SUBJECT: HeaderName = HeaderName::from_static("x-auth-subject");
+pub(crate) const X_AUTH_ISSUER: HeaderName = HeaderName::from_static("x-auth-issuer");
+pub(crate) const X_AUTH_PERMISSIONS: HeaderName = HeaderName::from_static("x-auth-permissions");
+pub(crate) const X_AUTH_CLAIMS: HeaderName = HeaderName::from_static("x-auth-claims");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
+/// Removes hop-by-hop headers and every header named in `Connection` (except `Host`, which is
+/// end-to-end by definition and needed by the checks).
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| *name != HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes every header a client could use to pose as a verified identity: `x-auth-*` and
+/// `x-forwarded-client-cert`.
+pub(crate) fn remove_spoofable(headers: &mut HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            n.starts_with("x-auth-") || n == X_FORWARDED_CLIENT_CERT
+        })
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+}
+
+/// A client-sent request id is kept when it is short visible ASCII; otherwise a new one is made.
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    if let Some(value) = headers.get(&X_REQUEST_ID) {
+        if let Ok(text) = value.to_str() {
+            if !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic()) {
+                return text.to_owned();
+            }
+        }
+    }
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Sets `name` to `value` when it is a valid header value (identity values come from verified
+/// tokens, which may still hold characters a header cannot carry: those are dropped, never sent
+/// half-encoded).
+pub(crate) fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) -> bool {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name, v);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_and_hop_by_hop_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("x-secret, keep-alive, host"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert(HOST, HeaderValue::from_static("example"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("te").is_none());
+        assert!(h.get(CONNECTION).is_none());
+        assert_eq!(h.get(HOST).unwrap(), "example");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn spoofable_identity_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-auth-subject", HeaderValue::from_static("admin"));
+        h.append("x-auth-subject", HeaderValue::from_static("root"));
+        h.insert("x-auth-anything", HeaderValue::from_static("1"));
+        h.insert(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("Hash=00"),
+        );
+        h.insert("x-authority", HeaderValue::from_static("kept"));
+        remove_spoofable(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get("x-authority").unwrap(), "kept");
+    }
+
+    #[test]
+    fn request_id_is_kept_only_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+    }
+}

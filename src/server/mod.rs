@@ -1,0 +1,180 @@
+//! Listeners and connections: accept TCP, serve HTTP/1.1 and HTTP/2 with hyper-util, apply the
+//! header-read timeout, and on shutdown stop accepting and let in-flight requests finish (up to
+//! `server.drain_timeout`). [`Server::bind`] then [`Server::serve`] is what tests use; [`run`]
+//! does both.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::auth::JwtVerifier;
+use crate::config::Config;
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnectionInfo, Proxy};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address in the configuration.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+}
+
+/// A proxy whose listeners are bound and whose keys are loaded, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    drain_timeout: Duration,
+    header_read_timeout: Duration,
+    // Held so that background key refreshes live as long as the server.
+    _keys: Arc<KeyStore>,
+}
+
+impl Server {
+    /// Binds both listeners and loads every issuer's keys (a JWKS that cannot be fetched yet
+    /// leaves its issuer not ready; requests needing it get 503 keys_unavailable).
+    pub async fn bind(config: Config) -> Result<Server, RunError> {
+        let config = Arc::new(config);
+        let listener = bind(config.server.listen).await?;
+        let admin_listener = bind(config.admin.listen).await?;
+        let metrics = Arc::new(Metrics::new());
+        let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
+        let jwt = JwtVerifier::new(&config.jwt, keys.clone());
+        let proxy = Arc::new(Proxy::new(config.clone(), jwt, metrics.clone()));
+        let admin = Arc::new(Admin::new(keys.clone(), metrics));
+        Ok(Server {
+            listener,
+            admin_listener,
+            proxy,
+            admin,
+            drain_timeout: config.server.drain_timeout,
+            header_read_timeout: config.server.header_read_timeout,
+            _keys: keys,
+        })
+    }
+
+    /// The address the proxy listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and waits for in-flight requests
+    /// up to the drain timeout.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        tracing::info!(
+            listen = %self.local_addr(),
+            admin = %self.admin_addr(),
+            "portcullis is serving"
+        );
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait, do not spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let proxy = self.proxy.clone();
+                    let conn_info = ConnectionInfo { peer, tls: false };
+                    let service = service_fn(move |request| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(request, conn_info).await) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                        }
+                    });
+                }
+                accepted = self.admin_listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let admin = self.admin.clone();
+                    let service = service_fn(move |request| {
+                        let admin = admin.clone();
+                        async move { Ok::<_, Infallible>(admin.handle(request).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(self.header_read_timeout)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+            }
+        }
+        drop(self.listener);
+        drop(self.admin_listener);
+        tracing::info!(
+            drain_timeout = ?self.drain_timeout,
+            "shutting down: no new connections, draining in-flight requests"
+        );
+        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout reached; closing the remaining connections");
+        }
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, source })
+}
+
+/// Binds, loads keys and serves until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    Server::bind(config).await?.serve(shutdown).await
+}
