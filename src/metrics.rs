@@ -56,12 +56,9 @@ impl Metrics {
             "Requests by route, outcome code (ok when forwarded) and status",
             requests.clone(),
         );
-        let duration = Histogram::new(
-            [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ],
-        );
+        let duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         registry.register(
             "request_duration_seconds",
             "Time from request head to response head, in seconds",

@@ -1068,13 +1068,12 @@ impl Validator<'_> {
                 "\"signature\" checks are not available in this build yet",
             );
         }
-        if require.mtls
-            && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
-                self.error(
-                    format!("{at}.require"),
-                    "\"mtls\" needs server.tls.client_ca",
-                );
-            }
+        if require.mtls && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
+            self.error(
+                format!("{at}.require"),
+                "\"mtls\" needs server.tls.client_ca",
+            );
+        }
         if !raw.permissions.is_empty() && !require.jwt {
             self.error(
                 format!("{at}.permissions"),

@@ -186,6 +186,8 @@ impl Proxy {
             .await?;
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
+        // The client's connection has its own version; an HTTP/1.0 upstream must not downgrade it.
+        parts.version = Version::default();
         Ok(Response::from_parts(
             parts,
             body.map_err(|e| Box::new(e) as BoxError).boxed(),

@@ -1,0 +1,358 @@
+//! The proxy core against a real upstream: routing, path normalisation, header hygiene,
+//! forwarding, body limits and upstream failures.
+
+mod support;
+
+use support::http::{get, raw, send};
+use support::proxy::{config_text, TestProxy};
+use support::upstream::Upstream;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+fn routes() -> String {
+    r#"
+[[jwt.issuers]]
+issuer = "https://issuer.test"
+algorithms = ["HS256"]
+secrets = [{ kid = "k1", env = "HS_SECRET" }]
+
+[[routes]]
+name = "public"
+path_prefix = "/public"
+require = []
+
+[[routes]]
+name = "admin"
+path_prefix = "/admin"
+require = ["jwt"]
+
+[[routes]]
+name = "upload"
+path_prefix = "/upload"
+methods = ["POST", "PUT"]
+require = []
+content_types = ["application/json"]
+"#
+    .to_owned()
+}
+
+async fn start(upstream: &Upstream, extra_server: &str) -> (TestProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = config_text(upstream.addr, &routes());
+    if !extra_server.is_empty() {
+        text = text.replace("[server]\n", &format!("[server]\n{extra_server}\n"));
+    }
+    let proxy = TestProxy::start(&text, dir.path(), &[("HS_SECRET", SECRET)]).await;
+    (proxy, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_route_forwards_with_request_id_and_forwarded_headers() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+
+    let response = get(&proxy.url("/public/a/b?x=1&y=%20"), &[]).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.header("x-upstream"), Some("echo"));
+    let request_id = response.header("x-request-id").unwrap().to_owned();
+
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/public/a/b?x=1&y=%20");
+    assert_eq!(seen.header("x-request-id"), Some(request_id.as_str()));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(proxy.addr.to_string().as_str())
+    );
+
+    // A sane client request id is kept end to end.
+    let response = get(&proxy.url("/public"), &[("x-request-id", "req-42")]).await;
+    assert_eq!(response.header("x-request-id"), Some("req-42"));
+    assert_eq!(upstream.last().header("x-request-id"), Some("req-42"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client.get(proxy.url("/public/h2")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/public/h2");
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(proxy.addr.to_string().as_str())
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let response = raw(
+        proxy.addr,
+        "GET /public/x HTTP/1.1\n\
+         X-Auth-Subject: admin\n\
+         x-auth-subject: root\n\
+         X-Auth-Permissions: write:everything\n\
+         X-Auth-Claims: e30\n\
+         X-Auth-Client: client-1\n\
+         X-Auth-Key-Id: k\n\
+         X-Auth-Issuer: https://issuer.test\n\
+         X-Forwarded-Client-Cert: Hash=00;Subject=\"CN=admin\"\n\
+         X-Custom: kept",
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last();
+    for (name, _) in &seen.headers {
+        assert!(
+            !name.starts_with("x-auth-") && name != "x-forwarded-client-cert",
+            "{name} reached the upstream"
+        );
+    }
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_and_connection_named_headers_are_not_forwarded() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let response = raw(
+        proxy.addr,
+        "GET /public/x HTTP/1.1\n\
+         Connection: x-private, keep-alive\n\
+         X-Private: secret\n\
+         Keep-Alive: timeout=5\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\n\
+         TE: trailers",
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = upstream.last();
+    for name in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert_eq!(seen.header(name), None, "{name} was forwarded");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_never_reach_a_route_other_than_the_checked_one() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+
+    // Each of these names /admin (which needs a token) through /public: the proxy must check
+    // the admin route, so without a token nothing reaches the upstream.
+    for path in [
+        "/public/../admin",
+        "/public/./../admin/x",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2e/admin",
+        "/public/.%2e/admin",
+        "//public/../admin",
+        "/public//..//admin",
+    ] {
+        let response = raw(proxy.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(response.status, 401, "{path}: {}", response.body);
+        assert_eq!(response.code(), "missing_credentials", "{path}");
+    }
+    // Encoded separators, backslashes, NULs and climbs above the root are refused outright.
+    for path in [
+        "/public/..%2fadmin",
+        "/public%2f..%2fadmin",
+        "/public/%2F../admin",
+        "/public/..%5cadmin",
+        "/public\\..\\admin",
+        "/public/%00/x",
+        "/public/../../admin",
+        "/%2e%2e/admin",
+        "/public/%zz",
+    ] {
+        let response = raw(proxy.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(response.status, 400, "{path}: {}", response.body);
+        assert_eq!(response.code(), "invalid_path", "{path}");
+    }
+    assert_eq!(upstream.count(), 0, "a trick path reached the upstream");
+
+    // What passes goes upstream in exactly the normalised form that was checked.
+    let response = raw(
+        proxy.addr,
+        "GET /admin/../public/%7Ex/./y//z?q=%2F HTTP/1.1",
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(upstream.last().target, "/public/~x/y/z?q=%2F");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_are_denied() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+
+    let response = get(&proxy.url("/elsewhere"), &[]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (404, "no_route")
+    );
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem = response.json();
+    assert_eq!(problem["status"], 404);
+    assert_eq!(problem["type"], "about:blank");
+    assert_eq!(
+        problem["request_id"].as_str(),
+        response.header("x-request-id")
+    );
+
+    // Segment boundaries: /publicity is not under /public.
+    let response = get(&proxy.url("/publicity"), &[]).await;
+    assert_eq!(response.code(), "no_route");
+
+    let response = send("DELETE", &proxy.url("/upload/x"), &[], Vec::new()).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (405, "method_not_allowed")
+    );
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_types_are_enforced_per_route() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let json = [("content-type", "application/json; charset=utf-8")];
+    let response = send("POST", &proxy.url("/upload"), &json, b"{}".to_vec()).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let response = send(
+        "POST",
+        &proxy.url("/upload"),
+        &[("content-type", "text/plain")],
+        b"x".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    let response = send("POST", &proxy.url("/upload"), &[], b"x".to_vec()).await;
+    assert_eq!(response.status, 415);
+    assert_eq!(upstream.count(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_get_413() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "max_body_bytes = 1024").await;
+    let json = [("content-type", "application/json")];
+
+    let response = send("POST", &proxy.url("/upload"), &json, vec![b'a'; 1024]).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(upstream.last().body.len(), 1024);
+
+    // Declared too large: refused before the body is read.
+    let response = send("POST", &proxy.url("/upload"), &json, vec![b'a'; 1025]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (413, "body_too_large")
+    );
+
+    // Chunked, no length: refused once the stream passes the limit.
+    let mut chunked = String::new();
+    for _ in 0..4 {
+        chunked.push_str("200\r\n");
+        chunked.push_str(&"b".repeat(0x200));
+        chunked.push_str("\r\n");
+    }
+    chunked.push_str("0\r\n\r\n");
+    let response = raw(
+        proxy.addr,
+        "POST /upload HTTP/1.1\nContent-Type: application/json\nTransfer-Encoding: chunked",
+        chunked.as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (413, "body_too_large")
+    );
+    assert!(upstream.received().iter().all(|r| r.body.len() <= 1024));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_502() {
+    // A port that was free a moment ago: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(closed, &routes());
+    let proxy = TestProxy::start(&text, dir.path(), &[("HS_SECRET", SECRET)]).await;
+    let response = get(&proxy.url("/public"), &[]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_slower_than_request_timeout_is_504() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    // request_timeout is 2s in the test config.
+    let started = std::time::Instant::now();
+    let response = get(&proxy.url("/public/slow"), &[("x-test-delay-ms", "3500")]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(3400));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_serves_health_and_metrics() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    get(&proxy.url("/public"), &[]).await;
+    get(&proxy.url("/nowhere"), &[]).await;
+
+    let health = get(&proxy.admin_url("/healthz"), &[]).await;
+    assert_eq!(health.status, 200);
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains(r#"portcullis_requests_total{route="public",code="ok",status="200"} 1"#),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(r#"code="no_route",status="404"} 1"#),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics
+        .body
+        .contains("portcullis_request_duration_seconds_bucket"));
+    proxy.stop().await;
+}

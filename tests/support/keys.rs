@@ -1,0 +1,1 @@
+// Filled in by the key-generation helpers (merged from the JWT work).

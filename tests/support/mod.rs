@@ -1,0 +1,9 @@
+//! Shared parts of the integration tests: a real upstream that echoes what it received, a JWKS
+//! server, a proxy started in-process on free loopback ports, and raw HTTP clients.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod http;
+pub mod jwks;
+pub mod keys;
+pub mod proxy;
+pub mod upstream;

@@ -1,0 +1,98 @@
+//! A proxy started in-process (the library's own `Server`), on free loopback ports, with a
+//! temporary folder for key files and its own environment for secrets. A panic on any of the
+//! runtime's worker threads (where the proxy serves) fails the test at `stop`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+
+use portcullis::config::Config;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+static WORKER_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn watch_worker_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some("tokio-runtime-worker") {
+                WORKER_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            default(info);
+        }));
+    });
+}
+
+/// The number of panics seen on runtime worker threads so far (in this test binary).
+pub fn worker_panics() -> usize {
+    WORKER_PANICS.load(Ordering::SeqCst)
+}
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A config with both listeners on free loopback ports, the given upstream and `rest`.
+pub fn config_text(upstream: SocketAddr, rest: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nthreads = 2\ndrain_timeout = \"5s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [upstream]\nurl = \"http://{upstream}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"2s\"\n\n{rest}"
+    )
+}
+
+impl TestProxy {
+    pub async fn start(toml: &str, dir: &Path, env: &[(&str, &str)]) -> TestProxy {
+        watch_worker_panics();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::parse(toml, dir, &|name| env.get(name).cloned())
+            .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
+        let server = portcullis::Server::bind(config).await.unwrap();
+        let addr = server.local_addr();
+        let admin = server.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestProxy {
+            addr,
+            admin,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Stops the proxy, waits for its drain, and fails the test if a worker thread panicked.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+        assert_eq!(worker_panics(), 0, "a proxy worker thread panicked");
+    }
+}
