@@ -65,6 +65,13 @@ impl Rejection {
                 AuthError::MissingClaim(_) => "missing_claim",
                 AuthError::InsufficientPermissions(_) => "insufficient_permissions",
                 AuthError::KeysUnavailable(_) => "keys_unavailable",
+                AuthError::SignatureMissing(_) => "signature_missing",
+                AuthError::SignatureMalformed(_) => "signature_malformed",
+                AuthError::UnknownSigningKey(_) => "unknown_signing_key",
+                AuthError::TimestampOutOfWindow(_) => "timestamp_out_of_window",
+                AuthError::SignatureMismatch(_) => "signature_mismatch",
+                AuthError::NonceReplayed => "nonce_replayed",
+                AuthError::StoreUnavailable(_) => "store_unavailable",
             },
         }
     }
@@ -81,8 +88,16 @@ impl Rejection {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Auth(e) => match e {
                 AuthError::InsufficientPermissions(_) => StatusCode::FORBIDDEN,
-                AuthError::KeysUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                AuthError::MissingCredentials
+                AuthError::KeysUnavailable(_) | AuthError::StoreUnavailable(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                AuthError::SignatureMissing(_)
+                | AuthError::SignatureMalformed(_)
+                | AuthError::UnknownSigningKey(_)
+                | AuthError::TimestampOutOfWindow(_)
+                | AuthError::SignatureMismatch(_)
+                | AuthError::NonceReplayed
+                | AuthError::MissingCredentials
                 | AuthError::MalformedToken(_)
                 | AuthError::TokenExpired(_)
                 | AuthError::TokenNotYetValid(_)
@@ -106,7 +121,13 @@ impl Rejection {
                 "Bearer realm=\"portcullis\", error=\"insufficient_scope\", error_description=\"{}\"",
                 quoted_string(&e.to_string())
             )),
-            AuthError::KeysUnavailable(_) => None,
+            AuthError::KeysUnavailable(_) | AuthError::StoreUnavailable(_) => None,
+            AuthError::SignatureMissing(_)
+            | AuthError::SignatureMalformed(_)
+            | AuthError::UnknownSigningKey(_)
+            | AuthError::TimestampOutOfWindow(_)
+            | AuthError::SignatureMismatch(_)
+            | AuthError::NonceReplayed => Some("Signature realm=\"portcullis\", version=\"v1\"".to_owned()),
             AuthError::MalformedToken(_)
             | AuthError::TokenExpired(_)
             | AuthError::TokenNotYetValid(_)
@@ -126,7 +147,7 @@ impl Rejection {
     /// The problem+json response for this rejection.
     pub fn to_response(&self, request_id: &str) -> Response<Body> {
         let status = self.status();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "type": "about:blank",
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
@@ -134,6 +155,9 @@ impl Rejection {
             "detail": self.to_string(),
             "request_id": request_id,
         });
+        if let Self::Auth(AuthError::SignatureMismatch(string_to_sign)) = self {
+            body["string_to_sign"] = serde_json::Value::String(string_to_sign.clone());
+        }
         let mut response = Response::new(full_body(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();

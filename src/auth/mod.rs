@@ -3,6 +3,7 @@
 //! pure where they can be: they take bytes and keys and return a typed result.
 
 pub mod jwt;
+pub mod signature;
 
 use std::sync::Arc;
 
@@ -52,6 +53,29 @@ pub enum AuthError {
     /// The issuer's keys could not be loaded (never fetched, or stale past `jwks_max_stale`).
     #[error("{0}")]
     KeysUnavailable(String),
+    /// No scheme-v1 signature header on a route that needs one.
+    #[error("{0}")]
+    SignatureMissing(String),
+    /// The signature header breaks scheme v1's grammar (parameters, version, nonce, ts,
+    /// signature length, several signature headers).
+    #[error("{0}")]
+    SignatureMalformed(String),
+    /// No configured signing key has the `keyId`, or the key is outside its validity window.
+    #[error("{0}")]
+    UnknownSigningKey(String),
+    /// `ts` is further from the proxy's clock than `signature.max_skew`.
+    #[error("{0}")]
+    TimestampOutOfWindow(String),
+    /// The HMAC does not match; holds the string to sign the proxy computed (nothing secret),
+    /// so that a client author can see which line differs.
+    #[error("the signature does not match the request; compare string_to_sign with yours")]
+    SignatureMismatch(String),
+    /// The nonce was seen before with this key.
+    #[error("the nonce was already used")]
+    NonceReplayed,
+    /// The nonce store did not answer (fail closed).
+    #[error("{0}")]
+    StoreUnavailable(String),
 }
 
 /// Who the request was verified to come from. Only fields whose check ran are set.
@@ -59,6 +83,8 @@ pub enum AuthError {
 pub struct Identity {
     /// The verified JWT, when the route required one.
     pub token: Option<Arc<VerifiedToken>>,
+    /// The verified request signature, when the route required one.
+    pub signature: Option<signature::VerifiedSignature>,
 }
 
 /// The permissions `route_permissions` that `granted` lacks, in route order.
