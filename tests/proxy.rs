@@ -1,6 +1,8 @@
 //! The proxy core against a real upstream: routing, path normalisation, header hygiene,
 //! forwarding, body limits and upstream failures.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use support::http::{get, raw, send};

@@ -1,6 +1,6 @@
 //! Shared parts of the integration tests: a real upstream that echoes what it received, a JWKS
 //! server, a proxy started in-process on free loopback ports, and raw HTTP clients.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod http;
 pub mod jwks;
