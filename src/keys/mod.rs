@@ -10,6 +10,8 @@
 //! `keys_unavailable` (503) rather than verification with keys that may have been revoked.
 
 mod jwks;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -401,5 +403,320 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use serde_json::json;
+
+    async fn store(issuer: IssuerConfig) -> (Arc<KeyStore>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let store = KeyStore::load(&jwt_config(vec![issuer], 0), metrics.clone()).await;
+        (store, metrics)
+    }
+
+    async fn find(store: &KeyStore, key: &TestKey) -> Result<usize, AuthError> {
+        store
+            .keys_for(ISSUER, Some(key.kid()), key.alg())
+            .await
+            .map(|k| k.len())
+    }
+
+    fn count(metrics: &Metrics, result: &str) -> usize {
+        let needle = format!("result=\"{result}\"");
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.contains(&needle) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    }
+
+    #[tokio::test]
+    async fn one_bad_key_does_not_spoil_the_set() {
+        let good = TestKey::es256();
+        let mut short_rsa = TestKey::rs256().jwk();
+        short_rsa["n"] = json!("AQAB");
+        short_rsa["kid"] = json!("short");
+        let mut encryption = TestKey::es256().jwk();
+        encryption["use"] = json!("enc");
+        let body = json!({"keys": [
+            short_rsa,
+            {"kty": "EC", "kid": "bad-b64", "crv": "P-256", "x": "!!", "y": "!!"},
+            {"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"},
+            {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
+            encryption,
+            "not an object",
+            good.jwk(),
+        ]});
+        let (_dir, source) = jwks_file(&body.to_string());
+        let (store, metrics) = store(issuer(source, &[])).await;
+        assert_eq!(find(&store, &good).await, Ok(1));
+        let status = &store.status()[0];
+        assert!(status.loaded && !status.stale && status.last_error.is_none());
+        assert_eq!(count(&metrics, "ok"), 1);
+    }
+
+    #[tokio::test]
+    async fn symmetric_jwk_is_never_loaded() {
+        let body = json!({"keys": [{"kty": "oct", "kid": "sym", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]});
+        let server = JwksServer::start(&body).await;
+        let (store, metrics) = store(issuer(url(&server), &[])).await;
+        assert!(matches!(
+            store.keys_for(ISSUER, Some("sym"), Algorithm::HS256).await,
+            Err(AuthError::KeysUnavailable(_))
+        ));
+        assert!(count(&metrics, "invalid") >= 1);
+        assert!(!store.status()[0].loaded);
+    }
+
+    #[tokio::test]
+    async fn invalid_jwks_never_replaces_good_keys() {
+        let old = TestKey::rs256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_min_refetch = Duration::ZERO;
+        let (store, metrics) = store(config).await;
+        assert_eq!(find(&store, &old).await, Ok(1));
+
+        for bad in ["not json", "{\"keys\": []}", "{\"nokeys\": 1}", "[1, 2]"] {
+            server.serve(200, bad);
+            let unknown = TestKey::es256();
+            assert!(matches!(
+                find(&store, &unknown).await,
+                Err(AuthError::UnknownKey(_))
+            ));
+            assert_eq!(find(&store, &old).await, Ok(1), "after {bad:?}");
+        }
+        assert_eq!(count(&metrics, "invalid"), 4);
+        let status = &store.status()[0];
+        assert!(status.loaded && status.stale);
+        assert!(status.last_error.as_deref().unwrap().contains("JWKS"));
+    }
+
+    #[tokio::test]
+    async fn failed_fetch_keeps_last_good_keys() {
+        let old = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_min_refetch = Duration::ZERO;
+        let (store, metrics) = store(config).await;
+        server.serve(500, "oops");
+        let unknown = TestKey::es256();
+        assert!(matches!(
+            find(&store, &unknown).await,
+            Err(AuthError::UnknownKey(_))
+        ));
+        assert_eq!(find(&store, &old).await, Ok(1));
+        assert_eq!(count(&metrics, "error"), 1);
+        let status = &store.status()[0];
+        assert!(status.stale && status.loaded);
+        assert!(status.last_error.as_deref().unwrap().contains("500"));
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_is_found_after_rotation() {
+        let old = TestKey::es256();
+        let new = TestKey::eddsa();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_min_refetch = Duration::ZERO;
+        let (store, _) = store(config).await;
+        server.serve(200, &jwks(&[&old, &new]).to_string());
+        assert_eq!(find(&store, &new).await, Ok(1));
+        assert_eq!(server.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_refetch_is_throttled() {
+        let old = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let (store, _) = store(issuer(url(&server), &[])).await; // min_refetch 30s
+        let new = TestKey::es256();
+        server.serve(200, &jwks(&[&old, &new]).to_string());
+        for _ in 0..3 {
+            assert!(matches!(
+                find(&store, &new).await,
+                Err(AuthError::UnknownKey(_))
+            ));
+        }
+        assert_eq!(server.fetches(), 1, "only the start-up load");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_unknown_kids_share_one_fetch() {
+        let old = TestKey::es256();
+        let new = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_min_refetch = Duration::ZERO;
+        let (store, _) = store(config).await;
+        server.serve(200, &jwks(&[&old, &new]).to_string());
+        server.delay(Duration::from_millis(300));
+        let lookups: Vec<_> = (0..16)
+            .map(|_| {
+                let store = store.clone();
+                let kid = new.kid().to_owned();
+                tokio::spawn(async move {
+                    store
+                        .keys_for(ISSUER, Some(&kid), Algorithm::ES256)
+                        .await
+                        .map(|k| k.len())
+                })
+            })
+            .collect();
+        for lookup in lookups {
+            assert_eq!(lookup.await.unwrap(), Ok(1));
+        }
+        assert_eq!(server.fetches(), 2, "start-up load plus one shared refetch");
+    }
+
+    #[tokio::test]
+    async fn keys_older_than_max_stale_are_not_served() {
+        let key = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&key])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_max_stale = Duration::from_millis(200);
+        let (store, _) = store(config).await;
+        assert_eq!(find(&store, &key).await, Ok(1));
+        server.serve(503, "down");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(matches!(
+            find(&store, &key).await,
+            Err(AuthError::KeysUnavailable(_))
+        ));
+        assert!(!store.status()[0].loaded);
+    }
+
+    #[tokio::test]
+    async fn issuer_never_loaded_is_unavailable() {
+        let key = TestKey::es256();
+        let server = JwksServer::start(&json!({})).await;
+        server.serve(500, "no");
+        let (store, metrics) = store(issuer(url(&server), &[])).await;
+        assert!(matches!(
+            find(&store, &key).await,
+            Err(AuthError::KeysUnavailable(_))
+        ));
+        let status = &store.status()[0];
+        assert!(!status.loaded && !status.stale && status.age.is_none());
+        assert!(status.last_error.is_some());
+        assert_eq!(count(&metrics, "error"), 1);
+    }
+
+    #[tokio::test]
+    async fn background_refresh_loads_new_keys_and_retries_failures() {
+        let old = TestKey::es256();
+        let new = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        server.serve(500, "starting");
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_refresh = Duration::from_millis(300);
+        config.jwks_min_refetch = Duration::from_millis(200); // failures retried this often
+        let (store, metrics) = store(config).await;
+        assert!(!store.status()[0].loaded);
+        server.serve(200, &jwks(&[&old, &new]).to_string());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            store.status()[0].loaded,
+            "the background retry loaded the keys"
+        );
+        assert_eq!(find(&store, &new).await, Ok(1));
+        assert_eq!(count(&metrics, "error"), 1);
+        assert!(count(&metrics, "ok") >= 1);
+        let before = server.fetches();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            server.fetches() >= before + 1,
+            "refreshed every jwks_refresh"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_stops_refreshing() {
+        let key = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&key])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_refresh = Duration::from_millis(100);
+        let (store, _) = store(config).await;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(server.fetches() >= 3);
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after_drop = server.fetches();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(server.fetches(), after_drop);
+    }
+
+    #[tokio::test]
+    async fn startup_load_is_bounded_when_the_issuer_hangs() {
+        let key = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&key])).await;
+        server.delay(Duration::from_secs(30));
+        let started = std::time::Instant::now();
+        let (store, metrics) = store(issuer(url(&server), &[])).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(!store.status()[0].loaded);
+        assert_eq!(count(&metrics, "error"), 1);
+    }
+
+    #[tokio::test]
+    async fn kid_naming_a_key_of_another_type_is_not_allowed() {
+        let rsa = TestKey::rs256();
+        let (_dir, source) = jwks_file(&jwks(&[&rsa]).to_string());
+        let (store, _) = store(issuer(source, &[])).await;
+        for alg in [Algorithm::HS256, Algorithm::ES256, Algorithm::EdDSA] {
+            assert!(matches!(
+                store.keys_for(ISSUER, Some(rsa.kid()), alg).await,
+                Err(AuthError::AlgorithmNotAllowed(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn jwk_alg_member_limits_the_key_to_that_alg() {
+        let rsa = TestKey::rs256(); // its JWK says "alg": "RS256"
+        let (_dir, source) = jwks_file(&jwks(&[&rsa]).to_string());
+        let (store, _) = store(issuer(source, &[])).await;
+        assert_eq!(find(&store, &rsa).await, Ok(1));
+        assert!(matches!(
+            store
+                .keys_for(ISSUER, Some(rsa.kid()), Algorithm::PS256)
+                .await,
+            Err(AuthError::AlgorithmNotAllowed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn token_without_kid_gets_every_key_that_fits_the_alg() {
+        let (a, b, c) = (TestKey::es256(), TestKey::es256(), TestKey::rs256());
+        let (_dir, source) = jwks_file(&jwks(&[&a, &b, &c]).to_string());
+        let (store, _) = store(issuer(source, &[])).await;
+        let found = store
+            .keys_for(ISSUER, None, Algorithm::ES256)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 2);
+        assert!(matches!(
+            store.keys_for(ISSUER, None, Algorithm::ES384).await,
+            Err(AuthError::UnknownKey(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn hmac_secrets_are_served_without_a_jwks() {
+        let secret = TestKey::hs256(&[7u8; 32]);
+        let (store, _) = store(issuer(None, &[&secret])).await;
+        assert_eq!(find(&store, &secret).await, Ok(1));
+        assert!(matches!(
+            store
+                .keys_for(ISSUER, Some("other"), Algorithm::HS256)
+                .await,
+            Err(AuthError::UnknownKey(_))
+        ));
+        assert!(store.status()[0].loaded);
     }
 }
