@@ -559,3 +559,612 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::Object(object))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::LazyLock;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::config::IssuerConfig;
+    use crate::keys::testing::*;
+    use crate::metrics::Metrics;
+
+    const NOW: i64 = 1_800_000_000;
+
+    struct Keys {
+        rs256: TestKey,
+        ps256: TestKey,
+        es256: TestKey,
+        es384: TestKey,
+        eddsa: TestKey,
+        hs256: TestKey,
+    }
+
+    static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+        rs256: TestKey::rs256(),
+        ps256: TestKey::ps256(),
+        es256: TestKey::es256(),
+        es384: TestKey::es384(),
+        eddsa: TestKey::eddsa(),
+        hs256: TestKey::hs256(b"0123456789abcdef0123456789abcdef-hs256"),
+    });
+
+    /// A verifier for [`ISSUER`] holding every key of [`KEYS`]; `tweak` adjusts the issuer.
+    async fn verifier_with(
+        cache: u64,
+        tweak: impl FnOnce(&mut IssuerConfig),
+    ) -> (JwtVerifier, tempfile::TempDir) {
+        let k = &*KEYS;
+        let body = jwks(&[&k.rs256, &k.ps256, &k.es256, &k.es384, &k.eddsa]).to_string();
+        let (dir, source) = jwks_file(&body);
+        let mut issuer = issuer(source, &[&k.hs256]);
+        tweak(&mut issuer);
+        let config = jwt_config(vec![issuer], cache);
+        let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
+        (JwtVerifier::new(&config, store), dir)
+    }
+
+    async fn verifier() -> (JwtVerifier, tempfile::TempDir) {
+        verifier_with(0, |_| {}).await
+    }
+
+    fn claims() -> Value {
+        json!({"iss": ISSUER, "sub": "user-1", "iat": NOW - 10, "exp": NOW + 600,
+               "permissions": ["read:data", "write:data"]})
+    }
+
+    fn with(mut claims: Value, name: &str, value: Value) -> Value {
+        claims[name] = value;
+        claims
+    }
+
+    fn without(mut claims: Value, name: &str) -> Value {
+        claims.as_object_mut().unwrap().remove(name);
+        claims
+    }
+
+    async fn check(token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+        let (v, _dir) = verifier().await;
+        v.verify(token, NOW).await
+    }
+
+    macro_rules! assert_err {
+        ($result:expr, $variant:ident) => {
+            match $result {
+                Err(AuthError::$variant(..)) => {}
+                other => panic!("expected {}, got {other:?}", stringify!($variant)),
+            }
+        };
+    }
+
+    #[tokio::test]
+    async fn valid_token_yields_identity() {
+        let token = KEYS.rs256.sign(&claims());
+        let v = check(&token).await.unwrap();
+        assert_eq!(v.issuer, ISSUER);
+        assert_eq!(v.subject.as_deref(), Some("user-1"));
+        assert_eq!(v.permissions, ["read:data", "write:data"]);
+        assert_eq!(v.permissions_header, "read:data,write:data");
+        assert_eq!(v.payload_b64, token.split('.').nth(1).unwrap());
+        assert_eq!(v.exp, NOW + 600);
+    }
+
+    #[tokio::test]
+    async fn every_supported_algorithm_verifies() {
+        let k = &*KEYS;
+        let (v, _dir) = verifier().await;
+        for key in [&k.rs256, &k.ps256, &k.es256, &k.es384, &k.eddsa, &k.hs256] {
+            let result = v.verify(&key.sign(&claims()), NOW).await;
+            assert!(result.is_ok(), "{:?}: {result:?}", key.alg());
+        }
+    }
+
+    #[tokio::test]
+    async fn alg_none_in_any_case_is_rejected() {
+        let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
+        for alg in ["none", "None", "NONE", "nOnE"] {
+            let header = URL_SAFE_NO_PAD.encode(json!({"alg": alg}).to_string());
+            assert_err!(
+                check(&format!("{header}.{payload}.")).await,
+                AlgorithmNotAllowed
+            );
+            let signed = KEYS
+                .hs256
+                .sign_with_header(&json!({"alg": alg, "kid": KEYS.hs256.kid()}), &claims());
+            assert_err!(check(&signed).await, AlgorithmNotAllowed);
+        }
+    }
+
+    #[tokio::test]
+    async fn alg_outside_the_issuers_list_is_rejected() {
+        let (v, _dir) = verifier_with(0, |i| i.algorithms = vec![Algorithm::ES256]).await;
+        assert_err!(
+            v.verify(&KEYS.rs256.sign(&claims()), NOW).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_alg_name_is_rejected() {
+        let header = json!({"alg": "rs256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&KEYS.rs256.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_claim_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"user-1","sub":"admin","iat":{},"exp":{}}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        assert_err!(
+            check(&sign_raw(&header, &payload, &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_key_at_any_depth_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"u","iat":{},"exp":{},"ctx":[{{"a":1,"\u0061":2}}]}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        assert_err!(
+            check(&sign_raw(&header, &payload, &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_header_key_is_malformed() {
+        let header = format!(
+            r#"{{"alg":"ES256","alg":"HS256","kid":"{}"}}"#,
+            KEYS.es256.kid()
+        );
+        assert_err!(
+            check(&sign_raw(&header, &claims().to_string(), &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn embedded_jwk_header_is_never_used() {
+        let attacker = TestKey::es256();
+        // The attacker's own key, embedded, under its own kid: not a configured key.
+        let header = json!({"alg": "ES256", "kid": attacker.kid(), "jwk": attacker.jwk()});
+        assert_err!(
+            check(&attacker.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+        // Under a configured kid: the configured key is used, so the signature fails.
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "jwk": attacker.jwk()});
+        assert_eq!(
+            check(&attacker.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn jku_x5u_and_x5c_headers_are_never_followed() {
+        let attacker = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&attacker])).await;
+        let header = json!({"alg": "ES256", "jku": server.url, "x5u": server.url,
+                            "x5c": ["MIIB"], "kid": attacker.kid()});
+        assert_err!(
+            check(&attacker.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+        let header = json!({"alg": "ES256", "jku": server.url});
+        assert_eq!(
+            check(&attacker.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+        assert_eq!(server.fetches(), 0);
+    }
+
+    #[tokio::test]
+    async fn rsa_public_key_is_never_an_hmac_secret() {
+        // The classic confusion: HS256 "signed" with the RSA public key as the secret.
+        let forger = TestKey::hs256(&KEYS.rs256.public_key_bytes());
+        let header = json!({"alg": "HS256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&forger.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+        // Without a kid only the configured HMAC secrets are tried.
+        let header = json!({"alg": "HS256"});
+        assert_eq!(
+            check(&forger.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn kid_of_another_key_type_is_not_allowed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn string_exp_is_malformed() {
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!((NOW + 600).to_string())));
+        assert_err!(check(&token).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn float_and_exponent_and_huge_times_are_malformed() {
+        for (name, value) in [
+            ("exp", "1800000600.5"),
+            ("exp", "1e10"),
+            ("exp", "99999999999999999999999"),
+            ("exp", "18446744073709551615"),
+            ("nbf", "1.0"),
+            ("iat", "\"1800000000\""),
+            ("exp", "null"),
+        ] {
+            let mut payload = claims();
+            payload[name] = json!("PLACEHOLDER");
+            let payload = payload.to_string().replace("\"PLACEHOLDER\"", value);
+            let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+            let result = check(&sign_raw(&header, &payload, &KEYS.es256)).await;
+            assert!(
+                matches!(result, Err(AuthError::MalformedToken(_))),
+                "{name}={value}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn five_segment_jwe_is_rejected() {
+        assert_eq!(
+            check("eyJhbGciOiJSU0EtT0FFUCJ9.a.b.c.d").await.err(),
+            Some(AuthError::MalformedToken(
+                "encrypted tokens (JWE) are not accepted".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_segment_counts_are_malformed() {
+        let token = KEYS.es256.sign(&claims());
+        let two = token.rsplit_once('.').unwrap().0;
+        for t in [
+            "",
+            "abc",
+            two,
+            &format!("{token}."),
+            &format!("{token}.x.y.z"),
+        ] {
+            assert_err!(check(t).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn padded_or_non_url_base64_is_malformed() {
+        let token = KEYS.es256.sign(&claims());
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        parts[1].push('=');
+        assert_err!(check(&parts.join(".")).await, MalformedToken);
+        let token = KEYS.es256.sign(&claims());
+        let std_b64 = token.replace('-', "+").replace('_', "/");
+        if std_b64 != token {
+            assert_err!(check(&std_b64).await, MalformedToken);
+        }
+        let token = KEYS.es256.sign(&claims());
+        assert_err!(check(&format!("{token}=")).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn non_object_header_or_payload_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        for payload in ["[1]", "\"x\"", "{", "{\"a\":1} x"] {
+            assert_err!(
+                check(&sign_raw(&header, payload, &KEYS.es256)).await,
+                MalformedToken
+            );
+        }
+        assert_err!(
+            check(&sign_raw("[]", &claims().to_string(), &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn crit_header_is_rejected() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "crit": ["exp"]});
+        assert_err!(
+            check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn nested_cty_jwt_is_rejected() {
+        for cty in ["JWT", "jwt"] {
+            let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "cty": cty});
+            assert_err!(
+                check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+                MalformedToken
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_token_is_rejected_before_decoding() {
+        // Not base64 at all: only the size can be the reason.
+        let token = "!".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(
+            check(&token).await.err(),
+            Some(AuthError::MalformedToken(
+                "the token is larger than 8 KiB".into()
+            ))
+        );
+        let padded = with(claims(), "pad", json!("x".repeat(MAX_TOKEN_BYTES)));
+        assert_err!(check(&KEYS.es256.sign(&padded)).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn iss_array_is_rejected() {
+        let token = KEYS.es256.sign(&with(claims(), "iss", json!([ISSUER])));
+        assert_err!(check(&token).await, InvalidIssuer);
+    }
+
+    #[tokio::test]
+    async fn iss_must_equal_a_configured_issuer_exactly() {
+        for iss in [
+            json!(format!("{ISSUER}/")),
+            json!("https://issuer"),
+            json!("HTTPS://ISSUER.TEST"),
+            json!(42),
+            json!(null),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "iss", iss.clone()));
+            assert!(
+                matches!(check(&token).await, Err(AuthError::InvalidIssuer(_))),
+                "{iss}"
+            );
+        }
+        assert_err!(
+            check(&KEYS.es256.sign(&without(claims(), "iss"))).await,
+            InvalidIssuer
+        );
+    }
+
+    #[tokio::test]
+    async fn non_string_sub_is_malformed() {
+        let token = KEYS.es256.sign(&with(claims(), "sub", json!(12)));
+        assert_err!(check(&token).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn missing_exp_is_rejected_even_when_not_listed() {
+        let (v, _dir) = verifier_with(0, |i| i.required_claims = Vec::new()).await;
+        let token = KEYS.es256.sign(&without(claims(), "exp"));
+        assert_err!(v.verify(&token, NOW).await, MissingClaim);
+    }
+
+    #[tokio::test]
+    async fn missing_required_claim_is_rejected() {
+        let token = KEYS.es256.sign(&without(claims(), "sub"));
+        assert_err!(check(&token).await, MissingClaim);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_rejected_with_its_expiry() {
+        let exp = 1_795_514_400; // 2026-11-24T10:00:00Z
+        let token = KEYS.es256.sign(&with(
+            with(claims(), "exp", json!(exp)),
+            "iat",
+            json!(exp - 60),
+        ));
+        assert_eq!(
+            check(&token).await.err(),
+            Some(AuthError::TokenExpired(
+                "token expired at 2026-11-24T10:00:00Z".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn leeway_accepts_a_token_just_expired() {
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 20)));
+        assert!(check(&token).await.is_ok());
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 31)));
+        assert_err!(check(&token).await, TokenExpired);
+    }
+
+    #[tokio::test]
+    async fn future_nbf_is_not_yet_valid() {
+        let token = KEYS.es256.sign(&with(claims(), "nbf", json!(NOW + 60)));
+        assert_err!(check(&token).await, TokenNotYetValid);
+        let token = KEYS.es256.sign(&with(claims(), "nbf", json!(NOW + 20)));
+        assert!(check(&token).await.is_ok(), "within leeway");
+    }
+
+    #[tokio::test]
+    async fn future_iat_is_not_yet_valid() {
+        let token = KEYS.es256.sign(&with(claims(), "iat", json!(NOW + 60)));
+        assert_err!(check(&token).await, TokenNotYetValid);
+    }
+
+    #[tokio::test]
+    async fn lifetime_over_max_is_rejected() {
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!(NOW - 10 + 24 * 3600 + 1)));
+        assert_err!(check(&token).await, TokenLifetimeExceeded);
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!(NOW - 10 + 24 * 3600)));
+        assert!(check(&token).await.is_ok(), "exactly max_lifetime");
+    }
+
+    #[tokio::test]
+    async fn lifetime_without_iat_counts_from_now() {
+        let (v, _dir) = verifier_with(0, |i| i.required_claims = vec!["exp".into()]).await;
+        let far = without(with(claims(), "exp", json!(NOW + 24 * 3600 + 5)), "iat");
+        assert_err!(
+            v.verify(&KEYS.es256.sign(&far), NOW).await,
+            TokenLifetimeExceeded
+        );
+        let near = without(with(claims(), "exp", json!(NOW + 3600)), "iat");
+        assert!(v.verify(&KEYS.es256.sign(&near), NOW).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn audience_must_match_when_configured() {
+        let (v, _dir) = verifier_with(0, |i| i.audiences = vec!["api".into()]).await;
+        for (aud, ok) in [
+            (json!("api"), true),
+            (json!(["other", "api"]), true),
+            (json!("other"), false),
+            (json!([]), false),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "aud", aud.clone()));
+            let result = v.verify(&token, NOW).await;
+            if ok {
+                assert!(result.is_ok(), "{aud}: {result:?}");
+            } else {
+                assert_err!(result, InvalidAudience);
+            }
+        }
+        assert_err!(
+            v.verify(&KEYS.es256.sign(&claims()), NOW).await,
+            InvalidAudience
+        );
+    }
+
+    #[tokio::test]
+    async fn aud_of_the_wrong_type_is_malformed() {
+        for aud in [json!(1), json!(["api", 2]), json!({"a": "api"})] {
+            let token = KEYS.es256.sign(&with(claims(), "aud", aud));
+            assert_err!(check(&token).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_signature_is_rejected() {
+        let token = KEYS.es256.sign(&claims());
+        let other = KEYS
+            .es256
+            .sign(&with(claims(), "sub", json!("someone-else")));
+        let forged = format!(
+            "{}.{}",
+            other.rsplit_once('.').unwrap().0,
+            token.rsplit_once('.').unwrap().1
+        );
+        assert_eq!(
+            check(&forged).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn signature_is_checked_before_claims_are_reported() {
+        let stranger = TestKey::es256().with_kid(KEYS.es256.kid());
+        let expired = with(claims(), "exp", json!(NOW - 3600));
+        assert_eq!(
+            check(&stranger.sign(&expired)).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+        let (v, _dir) = verifier_with(0, |i| i.audiences = vec!["api".into()]).await;
+        assert_eq!(
+            v.verify(&stranger.sign(&claims()), NOW).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn permissions_come_from_an_array_or_a_scope_string() {
+        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "scope".into()).await;
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "scope", json!("read:data  write:data")));
+        let verified = v.verify(&token, NOW).await.unwrap();
+        assert_eq!(verified.permissions, ["read:data", "write:data"]);
+        let token = KEYS.es256.sign(&without(claims(), "scope"));
+        assert!(v.verify(&token, NOW).await.unwrap().permissions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn permissions_of_the_wrong_type_are_malformed() {
+        for p in [json!(1), json!(["a", 1]), json!({"a": true})] {
+            let token = KEYS.es256.sign(&with(claims(), "permissions", p));
+            assert_err!(check(&token).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn token_without_kid_is_verified_by_a_fitting_key() {
+        for key in [&KEYS.es256, &KEYS.hs256, &KEYS.rs256] {
+            let header = json!({"alg": alg_name(key.alg())});
+            assert!(check(&key.sign_with_header(&header, &claims()))
+                .await
+                .is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_is_rejected() {
+        let header = json!({"alg": "HS256", "kid": "nope"});
+        assert_err!(
+            check(&KEYS.hs256.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_token_skips_verification_but_not_expiry() {
+        let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        // A real clock, since the cache expires entries at exp in real time.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
+        let token = KEYS.es256.sign(&claims);
+        let first = v.verify(&token, now).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The keys are now too stale to serve: only the cache can answer.
+        let again = v.verify(&token, now).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = KEYS.es256.sign(&with(claims.clone(), "sub", json!("v")));
+        assert_err!(v.verify(&other, now).await, KeysUnavailable);
+        assert_err!(v.verify(&token, now + 120).await, TokenExpired);
+    }
+
+    #[tokio::test]
+    async fn cache_off_verifies_every_time() {
+        let (v, _dir) = verifier_with(0, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        let token = KEYS.es256.sign(&claims());
+        v.verify(&token, NOW).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_err!(v.verify(&token, NOW).await, KeysUnavailable);
+    }
+
+    #[test]
+    fn rfc3339_never_panics() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(-1), "-1 (Unix time)");
+        assert_eq!(rfc3339(i64::MAX), format!("{} (Unix time)", i64::MAX));
+    }
+}

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 static NEXT_KID: AtomicUsize = AtomicUsize::new(1);
 
 enum Signer {
-    Rsa(RsaKeyPair, &'static dyn signature::RsaEncoding),
+    Rsa(RsaKeyPair),
     Ec(EcdsaKeyPair),
     Ed(Ed25519KeyPair),
     Hmac(hmac::Key, Vec<u8>),
@@ -45,24 +45,24 @@ impl TestKey {
         }
     }
 
-    fn rsa(alg: Algorithm, encoding: &'static dyn signature::RsaEncoding) -> Self {
+    fn rsa(alg: Algorithm) -> Self {
         let pair = RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA key generation");
-        Self::new(alg, Signer::Rsa(pair, encoding))
+        Self::new(alg, Signer::Rsa(pair))
     }
 
     /// RS256 with a fresh 2048-bit key.
     pub fn rs256() -> Self {
-        Self::rsa(Algorithm::RS256, &signature::RSA_PKCS1_SHA256)
+        Self::rsa(Algorithm::RS256)
     }
 
     /// RS384 with a fresh 2048-bit key.
     pub fn rs384() -> Self {
-        Self::rsa(Algorithm::RS384, &signature::RSA_PKCS1_SHA384)
+        Self::rsa(Algorithm::RS384)
     }
 
     /// PS256 with a fresh 2048-bit key.
     pub fn ps256() -> Self {
-        Self::rsa(Algorithm::PS256, &signature::RSA_PSS_SHA256)
+        Self::rsa(Algorithm::PS256)
     }
 
     /// ES256 with a fresh P-256 key.
@@ -121,7 +121,7 @@ impl TestKey {
     /// RSA modulus, the SEC1 point, the Ed25519 key; for HS256 the secret.
     pub fn public_key_bytes(&self) -> Vec<u8> {
         match &self.signer {
-            Signer::Rsa(pair, _) => RsaPublicKeyComponents::<Vec<u8>>::from(pair.public_key()).n,
+            Signer::Rsa(pair) => RsaPublicKeyComponents::<Vec<u8>>::from(pair.public_key()).n,
             Signer::Ec(pair) => pair.public_key().as_ref().to_vec(),
             Signer::Ed(pair) => pair.public_key().as_ref().to_vec(),
             Signer::Hmac(_, secret) => secret.clone(),
@@ -134,7 +134,7 @@ impl TestKey {
         let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
         let alg = alg_name(self.alg);
         match &self.signer {
-            Signer::Rsa(pair, _) => {
+            Signer::Rsa(pair) => {
                 let c = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public_key());
                 json!({"kty": "RSA", "kid": self.kid, "alg": alg, "use": "sig",
                        "n": b64(&c.n), "e": b64(&c.e)})
@@ -169,9 +169,17 @@ impl TestKey {
     pub fn signature(&self, input: &[u8]) -> String {
         let rng = SystemRandom::new();
         let bytes = match &self.signer {
-            Signer::Rsa(pair, encoding) => {
+            Signer::Rsa(pair) => {
+                let encoding: &'static dyn signature::RsaEncoding = match self.alg {
+                    Algorithm::RS384 => &signature::RSA_PKCS1_SHA384,
+                    Algorithm::RS512 => &signature::RSA_PKCS1_SHA512,
+                    Algorithm::PS256 => &signature::RSA_PSS_SHA256,
+                    Algorithm::PS384 => &signature::RSA_PSS_SHA384,
+                    Algorithm::PS512 => &signature::RSA_PSS_SHA512,
+                    _ => &signature::RSA_PKCS1_SHA256,
+                };
                 let mut sig = vec![0; pair.public_modulus_len()];
-                pair.sign(*encoding, &rng, input, &mut sig)
+                pair.sign(encoding, &rng, input, &mut sig)
                     .expect("RSA signing");
                 sig
             }
