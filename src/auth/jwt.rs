@@ -111,7 +111,7 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for ExpireAtExp {
     ) -> Option<Duration> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| secs(d))
+            .map(secs)
             .unwrap_or(0);
         let left = token.exp.saturating_add(self.leeway).saturating_sub(now);
         Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))

@@ -194,7 +194,9 @@ impl KeyStore {
                 Lookup::WrongType(why) => return Err(AuthError::AlgorithmNotAllowed(why)),
                 Lookup::Missing => {}
             }
-            if keys.usable_jwks().is_none() && !(alg_is_hmac(alg) && !keys.secrets.is_empty()) {
+            // HMAC secrets do not come from the JWKS, so they stay usable without it.
+            let secrets_suffice = alg_is_hmac(alg) && !keys.secrets.is_empty();
+            if keys.usable_jwks().is_none() && !secrets_suffice {
                 return Err(AuthError::KeysUnavailable(format!(
                     "the keys of issuer {:?} could not be loaded",
                     keys.issuer
@@ -629,10 +631,7 @@ mod tests {
         assert!(count(&metrics, "ok") >= 1);
         let before = server.fetches();
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert!(
-            server.fetches() >= before + 1,
-            "refreshed every jwks_refresh"
-        );
+        assert!(server.fetches() > before, "refreshed every jwks_refresh");
     }
 
     #[tokio::test]
