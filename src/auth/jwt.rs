@@ -1,10 +1,32 @@
-//! JWT validation. (Interface stub: the verifier is being written.)
+//! The `jwt` check: verifies a compact JWS bearer token against the configured issuers.
+//!
+//! The proxy calls [`JwtVerifier::verify`] after the mTLS and signature checks and before the
+//! revocation and permission checks; what it returns becomes `x-auth-subject`, `x-auth-issuer`,
+//! `x-auth-permissions` and `x-auth-claims`. The token is decoded exactly once, with a JSON
+//! reader that refuses duplicate keys, so the proxy and the upstream can never read a claim
+//! differently. The rules of DESIGN.md's "JWT rules that are never configurable" are applied in
+//! this order: size, shape and JSON types first (cheap and reveal nothing), then the signature,
+//! then the claims whose outcome depends on time or audience. A token that passed is kept in a
+//! cache keyed by its SHA-256 until its `exp`, so a client reusing a token pays for the
+//! signature once.
 
+use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::Algorithm;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::auth::AuthError;
-use crate::config::JwtConfig;
-use crate::keys::KeyStore;
+use crate::config::{IssuerConfig, JwtConfig};
+use crate::keys::{parse_algorithm, KeyStore};
+
+/// Tokens longer than this are refused before any decoding.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// A token that passed every check.
 #[derive(Debug, Clone)]
@@ -21,22 +43,1128 @@ pub struct VerifiedToken {
     pub payload_b64: String,
     /// `exp`, Unix seconds.
     pub exp: i64,
+    /// `nbf`, Unix seconds, when present (checked again on a cache hit).
+    pub not_before: Option<i64>,
+    /// `iat`, Unix seconds, when present (checked again on a cache hit).
+    pub issued_at: Option<i64>,
+    /// `jti`, when present and a string (for revocation).
+    pub token_id: Option<String>,
 }
 
 /// Verifies bearer tokens against the configured issuers.
-#[derive(Debug)]
 pub struct JwtVerifier {
-    _keys: Arc<KeyStore>,
+    keys: Arc<KeyStore>,
+    issuers: Vec<IssuerRules>,
+    leeway: i64,
+    cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuers", &self.issuers.len())
+            .field("leeway", &self.leeway)
+            .field("cache", &self.cache.as_ref().map(|c| c.entry_count()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one issuer's tokens must satisfy, taken from its configuration.
+#[derive(Debug)]
+struct IssuerRules {
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    permissions_claim: String,
+    required_claims: Vec<String>,
+    max_lifetime: i64,
+}
+
+impl IssuerRules {
+    fn new(c: &IssuerConfig) -> Self {
+        Self {
+            issuer: c.issuer.clone(),
+            audiences: c.audiences.clone(),
+            algorithms: c.algorithms.clone(),
+            permissions_claim: c.permissions_claim.clone(),
+            required_claims: c.required_claims.clone(),
+            max_lifetime: secs(c.max_lifetime),
+        }
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Expires a cached token when it expires (plus the leeway it is accepted with).
+struct ExpireAtExp {
+    leeway: i64,
+}
+
+impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for ExpireAtExp {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        token: &Arc<VerifiedToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(secs)
+            .unwrap_or(0);
+        let left = token.exp.saturating_add(self.leeway).saturating_sub(now);
+        Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+    }
 }
 
 impl JwtVerifier {
-    /// Builds the verifier.
-    pub fn new(_config: &JwtConfig, keys: Arc<KeyStore>) -> Self {
-        Self { _keys: keys }
+    /// Builds the verifier. `keys` must have been loaded from the same configuration.
+    pub fn new(config: &JwtConfig, keys: Arc<KeyStore>) -> Self {
+        let leeway = secs(config.leeway);
+        let cache = (config.verified_cache > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.verified_cache)
+                .expire_after(ExpireAtExp { leeway })
+                .build()
+        });
+        Self {
+            keys,
+            issuers: config.issuers.iter().map(IssuerRules::new).collect(),
+            leeway,
+            cache,
+        }
     }
 
     /// Verifies `token` at time `now` (Unix seconds).
-    pub async fn verify(&self, _token: &str, _now: i64) -> Result<Arc<VerifiedToken>, AuthError> {
-        Err(AuthError::KeysUnavailable("not built".into()))
+    ///
+    /// Errors, each a stable code of DESIGN.md:
+    /// - [`AuthError::MalformedToken`]: over 8 KiB, not three base64url segments (five: JWE),
+    ///   header or payload not a JSON object, a duplicate JSON key, `crit`, `cty: JWT`, a claim
+    ///   of the wrong JSON type (`exp`/`nbf`/`iat` not an integer, `sub` not a string, `aud` not
+    ///   a string or strings, permissions not a string or strings).
+    /// - [`AuthError::AlgorithmNotAllowed`]: `alg` is `none` (any case), unknown, outside the
+    ///   issuer's `algorithms`, or does not fit the key named by `kid`.
+    /// - [`AuthError::InvalidIssuer`]: `iss` missing, not a string, or not a configured issuer.
+    /// - [`AuthError::UnknownKey`], [`AuthError::KeysUnavailable`]: see [`KeyStore::keys_for`].
+    /// - [`AuthError::InvalidTokenSignature`]: the signature does not verify.
+    /// - [`AuthError::MissingClaim`]: `exp` or one of the issuer's `required_claims` is absent.
+    /// - [`AuthError::TokenExpired`], [`AuthError::TokenNotYetValid`],
+    ///   [`AuthError::TokenLifetimeExceeded`], [`AuthError::InvalidAudience`]: after the
+    ///   signature verified, the claims do not hold at `now` (with the configured leeway).
+    pub async fn verify(&self, token: &str, now: i64) -> Result<Arc<VerifiedToken>, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(malformed("the token is larger than 8 KiB"));
+        }
+        let cache_key: Option<[u8; 32]> = self
+            .cache
+            .as_ref()
+            .map(|_| Sha256::digest(token.as_bytes()).into());
+        if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+            if let Some(hit) = cache.get(key) {
+                self.check_times(hit.exp, hit.not_before, hit.issued_at, now)?;
+                return Ok(hit);
+            }
+        }
+        let verified = Arc::new(self.verify_uncached(token, now).await?);
+        if let (Some(cache), Some(key)) = (&self.cache, cache_key) {
+            cache.insert(key, verified.clone());
+        }
+        Ok(verified)
+    }
+
+    async fn verify_uncached(&self, token: &str, now: i64) -> Result<VerifiedToken, AuthError> {
+        let parsed = parse_compact(token)?;
+        let header = Header::read(&parsed.header)?;
+        let issuer = self.issuer_of(&parsed.payload)?;
+        if !issuer.algorithms.contains(&header.alg) {
+            return Err(AuthError::AlgorithmNotAllowed(format!(
+                "{:?} is not accepted for this issuer",
+                header.alg
+            )));
+        }
+        let claims = Claims::read(&parsed.payload, &issuer.permissions_claim)?;
+
+        let keys = self
+            .keys
+            .keys_for(&issuer.issuer, header.kid.as_deref(), header.alg)
+            .await?;
+        let verified = keys.iter().any(|k| {
+            k.verify(
+                parsed.signing_input.as_bytes(),
+                parsed.signature,
+                header.alg,
+            )
+        });
+        if !verified {
+            return Err(AuthError::InvalidTokenSignature);
+        }
+
+        // Only a token signed by the issuer gets to learn which of its claims fail.
+        let Some(exp) = claims.exp else {
+            return Err(AuthError::MissingClaim("the token has no exp claim".into()));
+        };
+        for name in &issuer.required_claims {
+            if !parsed.payload.contains_key(name) {
+                return Err(AuthError::MissingClaim(format!(
+                    "the token has no {name} claim"
+                )));
+            }
+        }
+        self.check_times(exp, claims.nbf, claims.iat, now)?;
+        let lifetime = exp.saturating_sub(claims.iat.unwrap_or(now));
+        if lifetime > issuer.max_lifetime {
+            return Err(AuthError::TokenLifetimeExceeded(format!(
+                "the token is valid for {lifetime}s; at most {}s is accepted",
+                issuer.max_lifetime
+            )));
+        }
+        if !issuer.audiences.is_empty() {
+            match &claims.aud {
+                None => {
+                    return Err(AuthError::InvalidAudience(
+                        "the token has no aud claim".into(),
+                    ))
+                }
+                Some(auds) if !auds.iter().any(|a| issuer.audiences.contains(a)) => {
+                    return Err(AuthError::InvalidAudience(
+                        "the token is not meant for this service (aud)".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let permissions_header = claims.permissions.join(",");
+        Ok(VerifiedToken {
+            issuer: issuer.issuer.clone(),
+            subject: claims.sub,
+            permissions: claims.permissions,
+            permissions_header,
+            payload_b64: parsed.payload_b64.to_owned(),
+            exp,
+            not_before: claims.nbf,
+            issued_at: claims.iat,
+            token_id: claims.jti,
+        })
+    }
+
+    /// The rules of the issuer named by `iss`, which must be a string equal to a configured
+    /// issuer (never an array, never a substring).
+    fn issuer_of(&self, payload: &Map<String, Value>) -> Result<&IssuerRules, AuthError> {
+        let iss = match payload.get("iss") {
+            Some(Value::String(s)) => s,
+            Some(_) => {
+                return Err(AuthError::InvalidIssuer(
+                    "the iss claim is not a string".into(),
+                ))
+            }
+            None => {
+                return Err(AuthError::InvalidIssuer(
+                    "the token has no iss claim".into(),
+                ))
+            }
+        };
+        self.issuers
+            .iter()
+            .find(|i| i.issuer == *iss)
+            .ok_or_else(|| AuthError::InvalidIssuer("the token's issuer is not accepted".into()))
+    }
+
+    fn check_times(
+        &self,
+        exp: i64,
+        nbf: Option<i64>,
+        iat: Option<i64>,
+        now: i64,
+    ) -> Result<(), AuthError> {
+        if exp.saturating_add(self.leeway) < now {
+            return Err(AuthError::TokenExpired(format!(
+                "token expired at {}",
+                rfc3339(exp)
+            )));
+        }
+        if let Some(nbf) = nbf {
+            if nbf.saturating_sub(self.leeway) > now {
+                return Err(AuthError::TokenNotYetValid(format!(
+                    "token not valid before {}",
+                    rfc3339(nbf)
+                )));
+            }
+        }
+        if let Some(iat) = iat {
+            if iat.saturating_sub(self.leeway) > now {
+                return Err(AuthError::TokenNotYetValid(format!(
+                    "token issued in the future, at {}",
+                    rfc3339(iat)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn malformed(why: &str) -> AuthError {
+    AuthError::MalformedToken(why.to_owned())
+}
+
+/// Unix seconds as RFC 3339, or as a plain number outside years 1970..=9999 (which
+/// `humantime` cannot format).
+fn rfc3339(unix: i64) -> String {
+    const YEAR_10000: i64 = 253_402_300_800;
+    match u64::try_from(unix) {
+        Ok(s) if unix < YEAR_10000 => {
+            humantime::format_rfc3339(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+        }
+        _ => format!("{unix} (Unix time)"),
+    }
+}
+
+/// A compact JWS split and decoded, borrowing from the token.
+struct Compact<'a> {
+    header: Map<String, Value>,
+    payload: Map<String, Value>,
+    payload_b64: &'a str,
+    /// `header.payload`, as signed.
+    signing_input: &'a str,
+    signature: &'a str,
+}
+
+fn parse_compact(token: &str) -> Result<Compact<'_>, AuthError> {
+    let mut parts = token.splitn(6, '.');
+    let segments: [Option<&str>; 4] = [parts.next(), parts.next(), parts.next(), parts.next()];
+    let (header_b64, payload_b64, signature) = match segments {
+        [Some(h), Some(p), Some(s), None] => (h, p, s),
+        _ if token.split('.').count() == 5 => {
+            return Err(malformed("encrypted tokens (JWE) are not accepted"))
+        }
+        _ => return Err(malformed("a token has three dot-separated segments")),
+    };
+    let signing_input = &token[..header_b64.len() + 1 + payload_b64.len()];
+    let header = decode_object(header_b64, "header")?;
+    let payload = decode_object(payload_b64, "payload")?;
+    if URL_SAFE_NO_PAD.decode(signature).is_err() {
+        return Err(malformed("the signature is not base64url without padding"));
+    }
+    Ok(Compact {
+        header,
+        payload,
+        payload_b64,
+        signing_input,
+        signature,
+    })
+}
+
+/// base64url (no padding, strict) of a JSON object without duplicate keys.
+fn decode_object(segment: &str, what: &str) -> Result<Map<String, Value>, AuthError> {
+    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
+        AuthError::MalformedToken(format!("the {what} is not base64url without padding"))
+    })?;
+    match serde_json::from_slice::<StrictValue>(&bytes) {
+        Ok(StrictValue(Value::Object(map))) => Ok(map),
+        Ok(_) => Err(AuthError::MalformedToken(format!(
+            "the {what} is not a JSON object"
+        ))),
+        Err(e) if e.is_data() => Err(AuthError::MalformedToken(format!("the {what}: {e}"))),
+        Err(_) => Err(AuthError::MalformedToken(format!(
+            "the {what} is not valid JSON"
+        ))),
+    }
+}
+
+/// The header members portcullis acts on.
+struct Header {
+    alg: Algorithm,
+    kid: Option<String>,
+}
+
+impl Header {
+    fn read(h: &Map<String, Value>) -> Result<Header, AuthError> {
+        let alg = match h.get("alg") {
+            Some(Value::String(a)) => a,
+            Some(_) => return Err(malformed("the alg header is not a string")),
+            None => return Err(malformed("the token has no alg header")),
+        };
+        if alg.eq_ignore_ascii_case("none") {
+            return Err(AuthError::AlgorithmNotAllowed(
+                "unsigned tokens (alg none) are never accepted".into(),
+            ));
+        }
+        if h.contains_key("crit") {
+            return Err(malformed("tokens with a crit header are not accepted"));
+        }
+        match h.get("cty") {
+            None => {}
+            Some(Value::String(c)) if c.eq_ignore_ascii_case("JWT") => {
+                return Err(malformed("nested tokens (cty JWT) are not accepted"))
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(malformed("the cty header is not a string")),
+        }
+        let kid = match h.get("kid") {
+            None => None,
+            Some(Value::String(k)) => Some(k.clone()),
+            Some(_) => return Err(malformed("the kid header is not a string")),
+        };
+        // jku, x5u, x5c and jwk are deliberately ignored: keys come from configuration only.
+        let Some(alg) = parse_algorithm(alg) else {
+            return Err(AuthError::AlgorithmNotAllowed(format!(
+                "{alg:?} is not a supported algorithm"
+            )));
+        };
+        Ok(Header { alg, kid })
+    }
+}
+
+/// The payload claims portcullis acts on, with their JSON types checked.
+struct Claims {
+    sub: Option<String>,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+    aud: Option<Vec<String>>,
+    jti: Option<String>,
+    permissions: Vec<String>,
+}
+
+impl Claims {
+    fn read(p: &Map<String, Value>, permissions_claim: &str) -> Result<Claims, AuthError> {
+        let sub = match p.get("sub") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(malformed("the sub claim is not a string")),
+        };
+        let aud = match p.get("aud") {
+            None => None,
+            Some(Value::String(a)) => Some(vec![a.clone()]),
+            Some(Value::Array(items)) => Some(
+                strings(items)
+                    .ok_or_else(|| malformed("the aud claim is not a string or strings"))?,
+            ),
+            Some(_) => return Err(malformed("the aud claim is not a string or strings")),
+        };
+        let permissions = match p.get(permissions_claim) {
+            None => Vec::new(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+            Some(Value::Array(items)) => strings(items).ok_or_else(|| {
+                AuthError::MalformedToken(format!(
+                    "the {permissions_claim} claim is not a string or strings"
+                ))
+            })?,
+            Some(_) => {
+                return Err(AuthError::MalformedToken(format!(
+                    "the {permissions_claim} claim is not a string or strings"
+                )))
+            }
+        };
+        Ok(Claims {
+            sub,
+            exp: time_claim(p, "exp")?,
+            nbf: time_claim(p, "nbf")?,
+            iat: time_claim(p, "iat")?,
+            aud,
+            jti: p.get("jti").and_then(Value::as_str).map(str::to_owned),
+            permissions,
+        })
+    }
+}
+
+fn strings(items: &[Value]) -> Option<Vec<String>> {
+    items
+        .iter()
+        .map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A NumericDate claim, which must be a JSON integer that fits i64 (not a string, a float,
+/// `1e10` or a huge number).
+fn time_claim(p: &Map<String, Value>, name: &str) -> Result<Option<i64>, AuthError> {
+    match p.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+        Some(_) => Err(AuthError::MalformedToken(format!(
+            "the {name} claim is not an integer number of seconds"
+        ))),
+    }
+}
+
+/// A JSON value read with one rule more than `serde_json::Value`: an object with the same key
+/// twice, at any depth, is an error (parsers disagree on which copy wins).
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        // NaN and infinities cannot come out of JSON text; `from_f64` maps them to null anyway.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::LazyLock;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::config::IssuerConfig;
+    use crate::keys::testing::*;
+    use crate::metrics::Metrics;
+
+    const NOW: i64 = 1_800_000_000;
+
+    struct Keys {
+        rs256: TestKey,
+        ps256: TestKey,
+        es256: TestKey,
+        es384: TestKey,
+        eddsa: TestKey,
+        hs256: TestKey,
+    }
+
+    static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+        rs256: TestKey::rs256(),
+        ps256: TestKey::ps256(),
+        es256: TestKey::es256(),
+        es384: TestKey::es384(),
+        eddsa: TestKey::eddsa(),
+        hs256: TestKey::hs256(b"0123456789abcdef0123456789abcdef-hs256"),
+    });
+
+    /// A verifier for [`ISSUER`] holding every key of [`KEYS`]; `tweak` adjusts the issuer.
+    async fn verifier_with(
+        cache: u64,
+        tweak: impl FnOnce(&mut IssuerConfig),
+    ) -> (JwtVerifier, tempfile::TempDir) {
+        let k = &*KEYS;
+        let body = jwks(&[&k.rs256, &k.ps256, &k.es256, &k.es384, &k.eddsa]).to_string();
+        let (dir, source) = jwks_file(&body);
+        let mut issuer = issuer(source, &[&k.hs256]);
+        tweak(&mut issuer);
+        let config = jwt_config(vec![issuer], cache);
+        let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
+        (JwtVerifier::new(&config, store), dir)
+    }
+
+    async fn verifier() -> (JwtVerifier, tempfile::TempDir) {
+        verifier_with(0, |_| {}).await
+    }
+
+    fn claims() -> Value {
+        json!({"iss": ISSUER, "sub": "user-1", "iat": NOW - 10, "exp": NOW + 600,
+               "permissions": ["read:data", "write:data"]})
+    }
+
+    fn with(mut claims: Value, name: &str, value: Value) -> Value {
+        claims[name] = value;
+        claims
+    }
+
+    fn without(mut claims: Value, name: &str) -> Value {
+        claims.as_object_mut().unwrap().remove(name);
+        claims
+    }
+
+    async fn check(token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+        let (v, _dir) = verifier().await;
+        v.verify(token, NOW).await
+    }
+
+    macro_rules! assert_err {
+        ($result:expr, $variant:ident) => {
+            match $result {
+                Err(AuthError::$variant(..)) => {}
+                other => panic!("expected {}, got {other:?}", stringify!($variant)),
+            }
+        };
+    }
+
+    #[tokio::test]
+    async fn valid_token_yields_identity() {
+        let token = KEYS.rs256.sign(&claims());
+        let v = check(&token).await.unwrap();
+        assert_eq!(v.issuer, ISSUER);
+        assert_eq!(v.subject.as_deref(), Some("user-1"));
+        assert_eq!(v.permissions, ["read:data", "write:data"]);
+        assert_eq!(v.permissions_header, "read:data,write:data");
+        assert_eq!(v.payload_b64, token.split('.').nth(1).unwrap());
+        assert_eq!(v.exp, NOW + 600);
+    }
+
+    #[tokio::test]
+    async fn every_supported_algorithm_verifies() {
+        let k = &*KEYS;
+        let (v, _dir) = verifier().await;
+        for key in [&k.rs256, &k.ps256, &k.es256, &k.es384, &k.eddsa, &k.hs256] {
+            let result = v.verify(&key.sign(&claims()), NOW).await;
+            assert!(result.is_ok(), "{:?}: {result:?}", key.alg());
+        }
+    }
+
+    #[tokio::test]
+    async fn alg_none_in_any_case_is_rejected() {
+        let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
+        for alg in ["none", "None", "NONE", "nOnE"] {
+            let header = URL_SAFE_NO_PAD.encode(json!({"alg": alg}).to_string());
+            assert_err!(
+                check(&format!("{header}.{payload}.")).await,
+                AlgorithmNotAllowed
+            );
+            let signed = KEYS
+                .hs256
+                .sign_with_header(&json!({"alg": alg, "kid": KEYS.hs256.kid()}), &claims());
+            assert_err!(check(&signed).await, AlgorithmNotAllowed);
+        }
+    }
+
+    #[tokio::test]
+    async fn alg_outside_the_issuers_list_is_rejected() {
+        let (v, _dir) = verifier_with(0, |i| i.algorithms = vec![Algorithm::ES256]).await;
+        assert_err!(
+            v.verify(&KEYS.rs256.sign(&claims()), NOW).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_alg_name_is_rejected() {
+        let header = json!({"alg": "rs256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&KEYS.rs256.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_claim_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"user-1","sub":"admin","iat":{},"exp":{}}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        assert_err!(
+            check(&sign_raw(&header, &payload, &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_key_at_any_depth_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"u","iat":{},"exp":{},"ctx":[{{"a":1,"\u0061":2}}]}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        assert_err!(
+            check(&sign_raw(&header, &payload, &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_header_key_is_malformed() {
+        let header = format!(
+            r#"{{"alg":"ES256","alg":"HS256","kid":"{}"}}"#,
+            KEYS.es256.kid()
+        );
+        assert_err!(
+            check(&sign_raw(&header, &claims().to_string(), &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn embedded_jwk_header_is_never_used() {
+        let attacker = TestKey::es256();
+        // The attacker's own key, embedded, under its own kid: not a configured key.
+        let header = json!({"alg": "ES256", "kid": attacker.kid(), "jwk": attacker.jwk()});
+        assert_err!(
+            check(&attacker.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+        // Under a configured kid: the configured key is used, so the signature fails.
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "jwk": attacker.jwk()});
+        assert_eq!(
+            check(&attacker.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn jku_x5u_and_x5c_headers_are_never_followed() {
+        let attacker = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&attacker])).await;
+        let header = json!({"alg": "ES256", "jku": server.url, "x5u": server.url,
+                            "x5c": ["MIIB"], "kid": attacker.kid()});
+        assert_err!(
+            check(&attacker.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+        let header = json!({"alg": "ES256", "jku": server.url});
+        assert_eq!(
+            check(&attacker.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+        assert_eq!(server.fetches(), 0);
+    }
+
+    #[tokio::test]
+    async fn rsa_public_key_is_never_an_hmac_secret() {
+        // The classic confusion: HS256 "signed" with the RSA public key as the secret.
+        let forger = TestKey::hs256(&KEYS.rs256.public_key_bytes());
+        let header = json!({"alg": "HS256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&forger.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+        // Without a kid only the configured HMAC secrets are tried.
+        let header = json!({"alg": "HS256"});
+        assert_eq!(
+            check(&forger.sign_with_header(&header, &claims()))
+                .await
+                .err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn kid_of_another_key_type_is_not_allowed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.rs256.kid()});
+        assert_err!(
+            check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+            AlgorithmNotAllowed
+        );
+    }
+
+    #[tokio::test]
+    async fn string_exp_is_malformed() {
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!((NOW + 600).to_string())));
+        assert_err!(check(&token).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn float_and_exponent_and_huge_times_are_malformed() {
+        for (name, value) in [
+            ("exp", "1800000600.5"),
+            ("exp", "1e10"),
+            ("exp", "99999999999999999999999"),
+            ("exp", "18446744073709551615"),
+            ("nbf", "1.0"),
+            ("iat", "\"1800000000\""),
+            ("exp", "null"),
+        ] {
+            let mut payload = claims();
+            payload[name] = json!("PLACEHOLDER");
+            let payload = payload.to_string().replace("\"PLACEHOLDER\"", value);
+            let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+            let result = check(&sign_raw(&header, &payload, &KEYS.es256)).await;
+            assert!(
+                matches!(result, Err(AuthError::MalformedToken(_))),
+                "{name}={value}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn five_segment_jwe_is_rejected() {
+        assert_eq!(
+            check("eyJhbGciOiJSU0EtT0FFUCJ9.a.b.c.d").await.err(),
+            Some(AuthError::MalformedToken(
+                "encrypted tokens (JWE) are not accepted".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_segment_counts_are_malformed() {
+        let token = KEYS.es256.sign(&claims());
+        let two = token.rsplit_once('.').unwrap().0;
+        for t in [
+            "",
+            "abc",
+            two,
+            &format!("{token}."),
+            &format!("{token}.x.y.z"),
+        ] {
+            assert_err!(check(t).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn padded_or_non_url_base64_is_malformed() {
+        let token = KEYS.es256.sign(&claims());
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        parts[1].push('=');
+        assert_err!(check(&parts.join(".")).await, MalformedToken);
+        let token = KEYS.es256.sign(&claims());
+        let std_b64 = token.replace('-', "+").replace('_', "/");
+        if std_b64 != token {
+            assert_err!(check(&std_b64).await, MalformedToken);
+        }
+        let token = KEYS.es256.sign(&claims());
+        assert_err!(check(&format!("{token}=")).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn non_object_header_or_payload_is_malformed() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        for payload in ["[1]", "\"x\"", "{", "{\"a\":1} x"] {
+            assert_err!(
+                check(&sign_raw(&header, payload, &KEYS.es256)).await,
+                MalformedToken
+            );
+        }
+        assert_err!(
+            check(&sign_raw("[]", &claims().to_string(), &KEYS.es256)).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn crit_header_is_rejected() {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "crit": ["exp"]});
+        assert_err!(
+            check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+            MalformedToken
+        );
+    }
+
+    #[tokio::test]
+    async fn nested_cty_jwt_is_rejected() {
+        for cty in ["JWT", "jwt"] {
+            let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "cty": cty});
+            assert_err!(
+                check(&KEYS.es256.sign_with_header(&header, &claims())).await,
+                MalformedToken
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_token_is_rejected_before_decoding() {
+        // Not base64 at all: only the size can be the reason.
+        let token = "!".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(
+            check(&token).await.err(),
+            Some(AuthError::MalformedToken(
+                "the token is larger than 8 KiB".into()
+            ))
+        );
+        let padded = with(claims(), "pad", json!("x".repeat(MAX_TOKEN_BYTES)));
+        assert_err!(check(&KEYS.es256.sign(&padded)).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn iss_array_is_rejected() {
+        let token = KEYS.es256.sign(&with(claims(), "iss", json!([ISSUER])));
+        assert_err!(check(&token).await, InvalidIssuer);
+    }
+
+    #[tokio::test]
+    async fn iss_must_equal_a_configured_issuer_exactly() {
+        for iss in [
+            json!(format!("{ISSUER}/")),
+            json!("https://issuer"),
+            json!("HTTPS://ISSUER.TEST"),
+            json!(42),
+            json!(null),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "iss", iss.clone()));
+            assert!(
+                matches!(check(&token).await, Err(AuthError::InvalidIssuer(_))),
+                "{iss}"
+            );
+        }
+        assert_err!(
+            check(&KEYS.es256.sign(&without(claims(), "iss"))).await,
+            InvalidIssuer
+        );
+    }
+
+    #[tokio::test]
+    async fn non_string_sub_is_malformed() {
+        let token = KEYS.es256.sign(&with(claims(), "sub", json!(12)));
+        assert_err!(check(&token).await, MalformedToken);
+    }
+
+    #[tokio::test]
+    async fn missing_exp_is_rejected_even_when_not_listed() {
+        let (v, _dir) = verifier_with(0, |i| i.required_claims = Vec::new()).await;
+        let token = KEYS.es256.sign(&without(claims(), "exp"));
+        assert_err!(v.verify(&token, NOW).await, MissingClaim);
+    }
+
+    #[tokio::test]
+    async fn missing_required_claim_is_rejected() {
+        let token = KEYS.es256.sign(&without(claims(), "sub"));
+        assert_err!(check(&token).await, MissingClaim);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_rejected_with_its_expiry() {
+        let exp = 1_795_514_400; // 2026-11-24T10:00:00Z
+        let token = KEYS.es256.sign(&with(
+            with(claims(), "exp", json!(exp)),
+            "iat",
+            json!(exp - 60),
+        ));
+        assert_eq!(
+            check(&token).await.err(),
+            Some(AuthError::TokenExpired(
+                "token expired at 2026-11-24T10:00:00Z".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn leeway_accepts_a_token_just_expired() {
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 20)));
+        assert!(check(&token).await.is_ok());
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 31)));
+        assert_err!(check(&token).await, TokenExpired);
+    }
+
+    #[tokio::test]
+    async fn future_nbf_is_not_yet_valid() {
+        let token = KEYS.es256.sign(&with(claims(), "nbf", json!(NOW + 60)));
+        assert_err!(check(&token).await, TokenNotYetValid);
+        let token = KEYS.es256.sign(&with(claims(), "nbf", json!(NOW + 20)));
+        assert!(check(&token).await.is_ok(), "within leeway");
+    }
+
+    #[tokio::test]
+    async fn future_iat_is_not_yet_valid() {
+        let token = KEYS.es256.sign(&with(claims(), "iat", json!(NOW + 60)));
+        assert_err!(check(&token).await, TokenNotYetValid);
+    }
+
+    #[tokio::test]
+    async fn lifetime_over_max_is_rejected() {
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!(NOW - 10 + 24 * 3600 + 1)));
+        assert_err!(check(&token).await, TokenLifetimeExceeded);
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "exp", json!(NOW - 10 + 24 * 3600)));
+        assert!(check(&token).await.is_ok(), "exactly max_lifetime");
+    }
+
+    #[tokio::test]
+    async fn lifetime_without_iat_counts_from_now() {
+        let (v, _dir) = verifier_with(0, |i| i.required_claims = vec!["exp".into()]).await;
+        let far = without(with(claims(), "exp", json!(NOW + 24 * 3600 + 5)), "iat");
+        assert_err!(
+            v.verify(&KEYS.es256.sign(&far), NOW).await,
+            TokenLifetimeExceeded
+        );
+        let near = without(with(claims(), "exp", json!(NOW + 3600)), "iat");
+        assert!(v.verify(&KEYS.es256.sign(&near), NOW).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn audience_must_match_when_configured() {
+        let (v, _dir) = verifier_with(0, |i| i.audiences = vec!["api".into()]).await;
+        for (aud, ok) in [
+            (json!("api"), true),
+            (json!(["other", "api"]), true),
+            (json!("other"), false),
+            (json!([]), false),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "aud", aud.clone()));
+            let result = v.verify(&token, NOW).await;
+            if ok {
+                assert!(result.is_ok(), "{aud}: {result:?}");
+            } else {
+                assert_err!(result, InvalidAudience);
+            }
+        }
+        assert_err!(
+            v.verify(&KEYS.es256.sign(&claims()), NOW).await,
+            InvalidAudience
+        );
+    }
+
+    #[tokio::test]
+    async fn aud_of_the_wrong_type_is_malformed() {
+        for aud in [json!(1), json!(["api", 2]), json!({"a": "api"})] {
+            let token = KEYS.es256.sign(&with(claims(), "aud", aud));
+            assert_err!(check(&token).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_signature_is_rejected() {
+        let token = KEYS.es256.sign(&claims());
+        let other = KEYS
+            .es256
+            .sign(&with(claims(), "sub", json!("someone-else")));
+        let forged = format!(
+            "{}.{}",
+            other.rsplit_once('.').unwrap().0,
+            token.rsplit_once('.').unwrap().1
+        );
+        assert_eq!(
+            check(&forged).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn signature_is_checked_before_claims_are_reported() {
+        let stranger = TestKey::es256().with_kid(KEYS.es256.kid());
+        let expired = with(claims(), "exp", json!(NOW - 3600));
+        assert_eq!(
+            check(&stranger.sign(&expired)).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+        let (v, _dir) = verifier_with(0, |i| i.audiences = vec!["api".into()]).await;
+        assert_eq!(
+            v.verify(&stranger.sign(&claims()), NOW).await.err(),
+            Some(AuthError::InvalidTokenSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn permissions_come_from_an_array_or_a_scope_string() {
+        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "scope".into()).await;
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "scope", json!("read:data  write:data")));
+        let verified = v.verify(&token, NOW).await.unwrap();
+        assert_eq!(verified.permissions, ["read:data", "write:data"]);
+        let token = KEYS.es256.sign(&without(claims(), "scope"));
+        assert!(v.verify(&token, NOW).await.unwrap().permissions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn permissions_of_the_wrong_type_are_malformed() {
+        for p in [json!(1), json!(["a", 1]), json!({"a": true})] {
+            let token = KEYS.es256.sign(&with(claims(), "permissions", p));
+            assert_err!(check(&token).await, MalformedToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn token_without_kid_is_verified_by_a_fitting_key() {
+        for key in [&KEYS.es256, &KEYS.hs256, &KEYS.rs256] {
+            let header = json!({"alg": alg_name(key.alg())});
+            assert!(check(&key.sign_with_header(&header, &claims()))
+                .await
+                .is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_is_rejected() {
+        let header = json!({"alg": "HS256", "kid": "nope"});
+        assert_err!(
+            check(&KEYS.hs256.sign_with_header(&header, &claims())).await,
+            UnknownKey
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_token_skips_verification_but_not_expiry() {
+        let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        // A real clock, since the cache expires entries at exp in real time.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
+        let token = KEYS.es256.sign(&claims);
+        let first = v.verify(&token, now).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The keys are now too stale to serve: only the cache can answer.
+        let again = v.verify(&token, now).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = KEYS.es256.sign(&with(claims.clone(), "sub", json!("v")));
+        assert_err!(v.verify(&other, now).await, KeysUnavailable);
+        assert_err!(v.verify(&token, now + 120).await, TokenExpired);
+    }
+
+    #[tokio::test]
+    async fn cache_off_verifies_every_time() {
+        let (v, _dir) = verifier_with(0, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        let token = KEYS.es256.sign(&claims());
+        v.verify(&token, NOW).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_err!(v.verify(&token, NOW).await, KeysUnavailable);
+    }
+
+    #[test]
+    fn rfc3339_never_panics() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(-1), "-1 (Unix time)");
+        assert_eq!(rfc3339(i64::MAX), format!("{} (Unix time)", i64::MAX));
     }
 }
