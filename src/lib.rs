@@ -9,5 +9,6 @@ pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod server;
+pub mod store;
 
 pub use server::{run, RunError, Server};

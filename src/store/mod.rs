@@ -1,0 +1,97 @@
+//! State that must outlive one request: for now, the nonces of request signatures.
+//!
+//! On the request path the signature check runs parse -> key lookup -> timestamp window -> HMAC,
+//! and only for a valid signature calls [`NonceStore::record_once`] with a TTL of 2 x max_skew.
+//! [`NonceOutcome::Fresh`] lets the request on; [`NonceOutcome::Replayed`] is 401
+//! nonce_replayed; a [`StoreError`] is 503 store_unavailable, unless `[store] on_error = "allow"`
+//! (the store never decides that itself: it reports, the caller chooses). `/readyz` calls
+//! [`NonceStore::ping`].
+//!
+//! Two backends sit behind the one trait: [`memory`] (moka, one replica, the default) and
+//! [`redis`] (fred; many replicas sharing one Redis, Sentinel or Cluster). Both pass the same
+//! conformance suite in `tests/store.rs`. [`connect`] picks one from the `[store]` table.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{StoreBackend, StoreConfig};
+
+pub use memory::MemoryNonceStore;
+pub use redis::RedisNonceStore;
+
+/// What [`NonceStore::record_once`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceOutcome {
+    /// The nonce had not been seen for this key within its TTL; it is recorded now.
+    Fresh,
+    /// The nonce was already recorded for this key: the request is a replay.
+    Replayed,
+}
+
+/// Why the store could not answer. Messages name the failure, never a URL password or a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The command got no answer within `[store] timeout`. For a nonce this means "unknown":
+    /// the nonce may or may not have been recorded, and the request must not pass as if it had
+    /// been checked.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store cannot be reached (not connected, reconnecting, connection lost mid-command).
+    #[error("the store is unavailable: {reason}")]
+    Unavailable {
+        /// What the client library reported.
+        reason: String,
+    },
+    /// The store answered with an error (out of memory, read-only replica, wrong password...).
+    #[error("the store refused the command: {reason}")]
+    Refused {
+        /// The server's error, without the command's arguments.
+        reason: String,
+    },
+    /// `[store] url` cannot be used (bad scheme, missing port, unsupported option).
+    #[error("the store url is invalid: {reason}")]
+    InvalidUrl {
+        /// What is wrong with it; the url itself is not repeated, as it may hold a password.
+        reason: String,
+    },
+}
+
+/// Remembers which nonces each signing key has used, each for a limited time.
+///
+/// Object-safe: the proxy holds an `Arc<dyn NonceStore>`.
+#[async_trait::async_trait]
+pub trait NonceStore: Send + Sync + std::fmt::Debug {
+    /// Records `nonce` for `key_id` unless it is already recorded, atomically: of any number of
+    /// concurrent calls with the same pair, exactly one gets [`NonceOutcome::Fresh`]. The record
+    /// is forgotten after `ttl`.
+    ///
+    /// An error means "not known to be fresh"; it is never turned into `Fresh` or `Replayed`
+    /// here.
+    async fn record_once(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<NonceOutcome, StoreError>;
+
+    /// Checks that the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Builds the store that `[store]` names.
+///
+/// For Redis this returns as soon as the url is parsed and the connection is started (waiting a
+/// moment for it to come up): a Redis that is down at start does not keep the proxy from
+/// starting. Its store keeps reconnecting in the background and answers every call with an
+/// error until it is up, so requests that need it fail closed meanwhile.
+pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn NonceStore>, StoreError> {
+    match &config.backend {
+        StoreBackend::Memory => Ok(Arc::new(MemoryNonceStore::new())),
+        StoreBackend::Redis { url } => Ok(Arc::new(
+            RedisNonceStore::connect(url, config.timeout).await?,
+        )),
+    }
+}

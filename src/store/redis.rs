@@ -1,0 +1,310 @@
+//! The shared nonce store: Redis (standalone, Sentinel or Cluster) through a small fred pool, so
+//! that every replica of the proxy sees every nonce.
+//!
+//! The signature check calls [`RedisNonceStore::record_once`] after a valid HMAC; it sends one
+//! `SET portcullis:nonce:{key_id}:{nonce} 1 NX PX <ttl>`, whose reply says fresh (`OK`) or
+//! replayed (nil). Anything else (no connection, no reply within `[store] timeout`, an error
+//! reply) is a [`StoreError`], which the proxy turns into 503 store_unavailable unless
+//! `on_error = "allow"`.
+//!
+//! Three client settings carry the fail-closed rules:
+//! - **No retries.** A `SET NX` whose reply was lost may have been applied; sent again it would
+//!   answer nil and turn a first use into a replay. So every command is written at most once
+//!   (`max_command_attempts = 1`, and per command `max_attempts = 1`), and a lost reply is an
+//!   error. A command that timed out is never written later (fred drops timed-out commands from
+//!   its queues), so a client that retries with the same nonce after a 503 is not refused.
+//! - **Fail fast.** While disconnected, a command fails at once (`fail_fast` per command) instead
+//!   of waiting in fred's queue for a reconnect; and no command waits longer than
+//!   `[store] timeout`.
+//! - **Reconnect forever.** Exponential backoff from 50 ms to 1 s, no attempt limit, also for
+//!   the first connection, so a Redis that is down at start or restarted later is picked up
+//!   without restarting the proxy.
+
+use std::time::Duration;
+
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
+    Options, Pool, ReconnectPolicy, SetOptions,
+};
+use fred::interfaces::EventInterface;
+use fred::types::config::UnresponsiveConfig;
+
+use super::{NonceOutcome, NonceStore, StoreError};
+
+/// Connections in the pool. One Redis connection pipelines many commands; a second one keeps
+/// commands flowing while the other reconnects.
+const POOL_SIZE: usize = 2;
+
+/// How long [`RedisNonceStore::connect`] waits for the first connection before returning a
+/// store that is still connecting.
+const CONNECT_GRACE: Duration = Duration::from_millis(500);
+
+/// Limit on one TCP connect (and TLS handshake). A blackholed address must not stall reconnects
+/// for fred's default of 10 s.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection with a command unanswered for this long is closed and reopened: this is what
+/// notices a Redis that hangs (stopped, network partition) rather than closing the socket.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+
+/// Nonces in Redis, with a fred connection pool that reconnects in the background.
+#[derive(Clone)]
+pub struct RedisNonceStore {
+    pool: Pool,
+    /// Applied to every command; see the module doc for why these values.
+    options: Options,
+    timeout: Duration,
+    /// Scheme and hosts only, for `Debug` and logs: never the password.
+    target: String,
+}
+
+impl std::fmt::Debug for RedisNonceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisNonceStore")
+            .field("target", &self.target)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisNonceStore {
+    /// Parses `url` and starts connecting. Returns an error only for a url that cannot be used;
+    /// an unreachable server gives a store that reports errors until it connects.
+    ///
+    /// Accepted: `redis://[user:pass@]host[:port][/db]`, `rediss://...` (TLS with the system
+    /// roots), `redis-cluster://h1:p1,h2:p2` (or fred's `?node=h2:p2` form) and
+    /// `redis-sentinel://h1:p1,h2:p2/db?sentinelServiceName=name`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let target = redacted(url);
+        let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
+            reason: e.details().to_owned(),
+        })?;
+        // false: a failed first connection goes through the reconnect policy instead of
+        // ending the client.
+        config.fail_fast = false;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.max_command_attempts = 1;
+                c.connection_timeout = CONNECTION_TIMEOUT;
+                c.internal_command_timeout = CONNECTION_TIMEOUT;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(UNRESPONSIVE_AFTER),
+                    interval: Duration::from_millis(500),
+                };
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+            .build_pool(POOL_SIZE)
+            .map_err(|e| StoreError::InvalidUrl {
+                reason: e.details().to_owned(),
+            })?;
+        for client in pool.clients() {
+            let target = target.clone();
+            client.on_error(move |(error, server)| {
+                let target = target.clone();
+                async move {
+                    let server = server.map(|s| s.to_string()).unwrap_or_default();
+                    tracing::warn!(%target, %server, kind = ?error.kind(), detail = error.details(), "redis connection error");
+                    Ok(())
+                }
+            });
+            client.on_reconnect(move |server| async move {
+                tracing::info!(%server, "redis connected");
+                Ok(())
+            });
+        }
+        // Drives the connections (and their reconnects) until the pool is dropped or quits.
+        let _driver = pool.connect();
+        if tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%target, "redis is not reachable yet; requests that need it fail until it is");
+        }
+        let options = Options {
+            max_attempts: Some(1),
+            timeout: Some(timeout),
+            fail_fast: true,
+            ..Options::default()
+        };
+        Ok(Self {
+            pool,
+            options,
+            timeout,
+            target,
+        })
+    }
+
+    /// Maps a fred error to ours. A timeout is its own variant; connection trouble is
+    /// unavailable; an error reply from the server is refused.
+    fn error(&self, error: FredError) -> StoreError {
+        match error.kind() {
+            ErrorKind::Timeout => StoreError::Timeout(self.timeout),
+            ErrorKind::IO
+            | ErrorKind::Canceled
+            | ErrorKind::Routing
+            | ErrorKind::Tls
+            | ErrorKind::Cluster
+            | ErrorKind::Sentinel
+            | ErrorKind::Unknown
+            | ErrorKind::Backpressure => StoreError::Unavailable {
+                reason: error.details().to_owned(),
+            },
+            _ => StoreError::Refused {
+                reason: error.details().to_owned(),
+            },
+        }
+    }
+
+    /// Runs `command` with a hard deadline of `timeout`, whatever fred does: the proxy must
+    /// never wait on the store longer than configured.
+    async fn bounded<T>(
+        &self,
+        command: impl std::future::Future<Output = Result<T, FredError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, command).await {
+            Ok(result) => result.map_err(|e| self.error(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl NonceStore for RedisNonceStore {
+    async fn record_once(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<NonceOutcome, StoreError> {
+        // The nonce alphabet (A-Z a-z 0-9 - _) has no ':', so the last ':' splits the key
+        // unambiguously whatever the key id holds.
+        let key = format!("portcullis:nonce:{key_id}:{nonce}");
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let client = self.pool.with_options(&self.options);
+        let reply: Option<String> = self
+            .bounded(client.set(
+                key,
+                1,
+                Some(Expiration::PX(ttl_ms)),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await?;
+        Ok(match reply {
+            Some(_) => NonceOutcome::Fresh,
+            None => NonceOutcome::Replayed,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.pool.with_options(&self.options);
+        let _: String = self.bounded(client.ping(None)).await?;
+        Ok(())
+    }
+}
+
+/// Rewrites the comma-separated host list of `redis-cluster://h1:p1,h2:p2` and
+/// `redis-sentinel://h1:p1,h2:p2` into fred's form, `scheme://h1:p1?node=h2:p2`.
+/// Other urls are returned unchanged.
+fn fred_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (Some(user), hosts),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return url.to_owned();
+    }
+    let mut hosts = hosts.split(',').filter(|h| !h.is_empty());
+    let first = hosts.next().unwrap_or_default();
+    let nodes: Vec<String> = hosts.map(|h| format!("node={h}")).collect();
+    let mut out = format!("{scheme}://");
+    if let Some(user) = userinfo {
+        out.push_str(user);
+        out.push('@');
+    }
+    out.push_str(first);
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    out.push_str(path);
+    out.push('?');
+    out.push_str(&nodes.join("&"));
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        out.push('&');
+        out.push_str(query);
+    }
+    out
+}
+
+/// The url without credentials or query (which may hold a sentinel password).
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable url>".to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{hosts}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comma_separated_cluster_hosts_become_fred_node_parameters() {
+        assert_eq!(
+            fred_url("redis-cluster://h1:7000,h2:7001,h3:7002"),
+            "redis-cluster://h1:7000?node=h2:7001&node=h3:7002"
+        );
+        assert_eq!(
+            fred_url("redis-sentinel://u:p@s1:26379,s2:26379/2?sentinelServiceName=main"),
+            "redis-sentinel://u:p@s1:26379/2?node=s2:26379&sentinelServiceName=main"
+        );
+        assert_eq!(
+            fred_url("redis://u:p@h:6379/0"),
+            "redis://u:p@h:6379/0",
+            "single-host urls are left alone"
+        );
+    }
+
+    #[test]
+    fn urls_parse_for_every_documented_scheme() {
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "rediss://cache.example.org:6380/1",
+            "redis-cluster://h1:7000,h2:7001",
+            "redis-sentinel://s1:26379,s2:26379/0?sentinelServiceName=main",
+        ] {
+            assert!(Config::from_url(&fred_url(url)).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn redacted_urls_hold_no_password() {
+        assert_eq!(
+            redacted("redis://user:hunter2@h:6379/0?x=1"),
+            "redis://h:6379"
+        );
+        assert_eq!(
+            redacted("redis-sentinel://s1:1,s2:2/0?sentinelPassword=hunter2"),
+            "redis-sentinel://s1:1,s2:2"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unusable_url_is_an_invalid_url_error() {
+        let error = RedisNonceStore::connect("http://h:1", Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::InvalidUrl { .. }), "{error:?}");
+    }
+}
