@@ -9,22 +9,37 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::problem::full_body;
 use crate::proxy::Body;
+use crate::store::NonceStore;
 
 /// The admin endpoints.
 #[derive(Debug)]
 pub struct Admin {
     keys: Arc<KeyStore>,
+    store: Arc<dyn NonceStore>,
+    /// Whether any route needs the store (only then does a down store make the proxy unready).
+    store_needed: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Admin {
     /// Builds the admin endpoints over the proxy's key store and metrics.
-    pub fn new(keys: Arc<KeyStore>, metrics: Arc<Metrics>) -> Self {
-        Self { keys, metrics }
+    pub fn new(
+        keys: Arc<KeyStore>,
+        store: Arc<dyn NonceStore>,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            keys,
+            store,
+            store_needed: config.routes.iter().any(|r| r.require.signature),
+            metrics,
+        }
     }
 
     /// Answers one admin request.
@@ -38,7 +53,7 @@ impl Admin {
         }
         match request.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => self.readyz(),
+            "/readyz" => self.readyz().await,
             "/metrics" => {
                 for status in self.keys.status() {
                     if let Some(age) = status.age {
@@ -55,9 +70,14 @@ impl Admin {
         }
     }
 
-    fn readyz(&self) -> Response<Body> {
+    async fn readyz(&self) -> Response<Body> {
         let statuses = self.keys.status();
-        let ready = statuses.iter().all(|s| s.loaded);
+        let store = self.store.ping().await;
+        if store.is_err() {
+            self.metrics.store_error("ping");
+        }
+        let store_ok = store.is_ok() || !self.store_needed;
+        let ready = statuses.iter().all(|s| s.loaded) && store_ok;
         let issuers: Vec<serde_json::Value> = statuses
             .iter()
             .map(|s| {
@@ -77,6 +97,10 @@ impl Admin {
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not_ready" },
             "issuers": issuers,
+            "store": match &store {
+                Ok(()) => serde_json::json!({"state": "ok"}),
+                Err(e) => serde_json::json!({"state": "unavailable", "error": e.to_string()}),
+            },
         });
         let status = if ready {
             StatusCode::OK

@@ -25,6 +25,16 @@ struct JwksLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuerLabels {
     issuer: String,
 }
@@ -38,6 +48,8 @@ pub struct Metrics {
     duration: Histogram,
     jwks_refreshes: Family<JwksLabels, Counter>,
     keys_age: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    signatures: Family<ResultLabels, Counter>,
+    store_errors: Family<OperationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,7 +88,21 @@ impl Metrics {
             "Seconds since the issuer's keys were last loaded successfully",
             keys_age.clone(),
         );
+        let signatures = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "signature_checks",
+            "Request-signature checks by result (ok or the rejection code)",
+            signatures.clone(),
+        );
+        let store_errors = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store commands that failed or timed out, by operation",
+            store_errors.clone(),
+        );
         Self {
+            signatures,
+            store_errors,
             registry: Mutex::new(registry),
             requests,
             duration,
@@ -104,6 +130,24 @@ impl Metrics {
             .get_or_create(&JwksLabels {
                 issuer: issuer.to_owned(),
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one signature check; `result` is `ok` or the rejection code.
+    pub fn signature(&self, result: &str) {
+        self.signatures
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one failed store command.
+    pub fn store_error(&self, operation: &str) {
+        self.store_errors
+            .get_or_create(&OperationLabels {
+                operation: operation.to_owned(),
             })
             .inc();
     }

@@ -26,6 +26,9 @@ pub enum Rejection {
     /// The body is larger than `server.max_body_bytes`.
     #[error("the body is larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// The client's body broke off before its end.
+    #[error("the request body broke off before its end")]
+    BodyIncomplete,
     /// The route accepts other content types.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -48,6 +51,7 @@ impl Rejection {
             Self::NoRoute(_) => "no_route",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::BodyTooLarge(_) => "body_too_large",
+            Self::BodyIncomplete => "body_incomplete",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -83,6 +87,7 @@ impl Rejection {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyIncomplete => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

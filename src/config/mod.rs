@@ -1063,10 +1063,6 @@ impl Validator<'_> {
                     "\"signature\" needs at least one [[signature.keys]]",
                 );
             }
-            self.error(
-                format!("{at}.require"),
-                "\"signature\" checks are not available in this build yet",
-            );
         }
         if require.mtls && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
             self.error(

@@ -18,8 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::UpstreamConfig;
 use crate::problem::Rejection;
 
-/// The body sent upstream: the client's body, limited.
-pub(crate) type UpstreamBody = LimitedBody;
+/// The body sent upstream: the client's body streamed through the limit, or the body already
+/// read (and hashed) for a signature check.
+pub(crate) type UpstreamBody = http_body_util::Either<LimitedBody, http_body_util::Full<Bytes>>;
 
 /// The pooled client to the upstream service.
 #[derive(Debug, Clone)]

@@ -14,13 +14,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{Request, Response, Uri, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
 
+use crate::auth::signature::{SignatureVerifier, SignedRequest, VerifiedSignature};
 use crate::auth::{self, AuthError, Identity, JwtVerifier};
-use crate::config::{Config, Route, RouteMatch};
+use crate::config::{Config, OnStoreError, Route, RouteMatch};
 use crate::metrics::Metrics;
 use crate::problem::Rejection;
+use crate::store::{NonceOutcome, NonceStore};
 use forward::{LimitedBody, Upstream};
 
 /// The response body type of the proxy.
@@ -42,6 +45,8 @@ pub struct ConnectionInfo {
 pub struct Proxy {
     config: Arc<Config>,
     jwt: JwtVerifier,
+    signatures: SignatureVerifier,
+    nonces: Arc<dyn NonceStore>,
     upstream: Upstream,
     upstream_base: (http::uri::Scheme, http::uri::Authority),
     metrics: Arc<Metrics>,
@@ -49,7 +54,12 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the pipeline.
-    pub fn new(config: Arc<Config>, jwt: JwtVerifier, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        jwt: JwtVerifier,
+        nonces: Arc<dyn NonceStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let url = &config.upstream.url;
         let upstream_base = (
             url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
@@ -60,6 +70,8 @@ impl Proxy {
         );
         Self {
             upstream: Upstream::new(&config.upstream),
+            signatures: SignatureVerifier::new(&config.signature),
+            nonces,
             config,
             jwt,
             upstream_base,
@@ -81,6 +93,7 @@ impl Proxy {
                     code = rejection.code(),
                     status = rejection.status().as_u16(),
                     subject = outcome.subject.as_deref().unwrap_or("-"),
+                    client = outcome.client.as_deref().unwrap_or("-"),
                     detail = %rejection,
                     "request rejected"
                 );
@@ -129,11 +142,26 @@ impl Proxy {
         }
         check_content_type(route, &parts.headers)?;
 
-        let identity = self.check(route, &parts.headers).await;
-        if let Some(token) = identity.as_ref().ok().and_then(|i| i.token.as_ref()) {
-            outcome.subject = token.subject.clone();
-        }
+        // The signature covers the body: on such routes it is read (hashed as it arrives,
+        // bounded by the limit) before anything is forwarded. Elsewhere it streams.
+        let limit_hit = Arc::new(AtomicBool::new(false));
+        let (body, body_sha256) = if route.require.signature {
+            let (bytes, digest) = read_body(body, limit).await?;
+            (Either::Right(Full::new(bytes)), Some(digest))
+        } else {
+            (
+                Either::Left(LimitedBody::new(body, limit, limit_hit.clone())),
+                None,
+            )
+        };
+
+        let identity = self
+            .check(route, &parts, body_sha256.as_deref(), request_id)
+            .await;
         let identity = identity?;
+        outcome.subject = identity.token.as_ref().and_then(|t| t.subject.clone());
+        outcome.client = identity.signature.as_ref().map(|s| s.client.clone());
+        check_permissions(route, &identity)?;
 
         // Forward: the normalised path, the original query.
         let target = match parts.uri.query() {
@@ -177,8 +205,6 @@ impl Proxy {
             if conn.tls { "https" } else { "http" },
         );
 
-        let limit_hit = Arc::new(AtomicBool::new(false));
-        let body = LimitedBody::new(body, limit, limit_hit.clone());
         let upstream_request = Request::from_parts(parts, body);
         let response = self
             .upstream
@@ -194,31 +220,167 @@ impl Proxy {
         ))
     }
 
-    /// Runs the route's checks in DESIGN.md's order (cheapest first).
-    async fn check(&self, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Rejection> {
+    /// Runs the route's checks in DESIGN.md's order (cheapest first):
+    /// signature (HMAC, then nonce store) -> jwt -> permissions.
+    async fn check(
+        &self,
+        route: &Route,
+        parts: &http::request::Parts,
+        body_sha256: Option<&str>,
+        request_id: &str,
+    ) -> Result<Identity, Rejection> {
+        let headers = &parts.headers;
         let mut identity = Identity::default();
+        if route.require.signature {
+            let outcome = self
+                .check_signature(parts, body_sha256.unwrap_or_default(), request_id)
+                .await;
+            self.metrics.signature(match &outcome {
+                Ok(_) => "ok",
+                Err(e) => e.code(),
+            });
+            identity.signature = Some(outcome?);
+        }
         if route.require.jwt {
             let token = bearer_token(headers)?;
             let verified = self.jwt.verify(token, unix_now()).await?;
             identity.token = Some(verified);
         }
-        if !route.permissions.is_empty() {
-            let granted = identity
-                .token
-                .as_ref()
-                .map(|t| t.permissions.as_slice())
-                .unwrap_or_default();
-            let missing = auth::missing_permissions(&route.permissions, granted);
-            if !missing.is_empty() {
-                return Err(AuthError::InsufficientPermissions(format!(
-                    "the token lacks {}",
-                    missing.join(", ")
-                ))
-                .into());
-            }
-        }
         Ok(identity)
     }
+}
+
+impl Proxy {
+    /// Verifies the scheme-v1 signature, then records its nonce once.
+    async fn check_signature(
+        &self,
+        parts: &http::request::Parts,
+        body_sha256: &str,
+        request_id: &str,
+    ) -> Result<VerifiedSignature, Rejection> {
+        let header = signature_header(&parts.headers)?;
+        let host = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+        let request = SignedRequest {
+            method: parts.method.as_str(),
+            target,
+            host,
+            body_sha256_hex: body_sha256,
+        };
+        let verified = self.signatures.verify(header, request, SystemTime::now())?;
+        match self
+            .nonces
+            .record_once(
+                &verified.key_id,
+                &verified.nonce,
+                self.signatures.nonce_ttl(),
+            )
+            .await
+        {
+            Ok(NonceOutcome::Fresh) => Ok(verified),
+            Ok(NonceOutcome::Replayed) => Err(AuthError::NonceReplayed.into()),
+            Err(e) => {
+                self.metrics.store_error("record_nonce");
+                match self.config.store.on_error {
+                    OnStoreError::Deny => Err(AuthError::StoreUnavailable(format!(
+                        "the nonce store is unavailable ({e})"
+                    ))
+                    .into()),
+                    OnStoreError::Allow => {
+                        tracing::warn!(
+                            request_id = %request_id,
+                            client = %verified.client,
+                            key_id = %verified.key_id,
+                            error = %e,
+                            "nonce store unavailable; passing the request unchecked for replay (store.on_error = \"allow\")"
+                        );
+                        Ok(verified)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every permission the route lists must be granted by the token (checked after the identity
+/// is known, so that the log line of a 403 names the subject).
+fn check_permissions(route: &Route, identity: &Identity) -> Result<(), Rejection> {
+    if !route.permissions.is_empty() {
+        let granted = identity
+            .token
+            .as_ref()
+            .map(|t| t.permissions.as_slice())
+            .unwrap_or_default();
+        let missing = auth::missing_permissions(&route.permissions, granted);
+        if !missing.is_empty() {
+            return Err(AuthError::InsufficientPermissions(format!(
+                "the token lacks {}",
+                missing.join(", ")
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The one header that carries the signature: `Authorization: Signature ...`, or `X-Signature`
+/// beside a bearer token. Several signature headers are malformed.
+fn signature_header(headers: &http::HeaderMap) -> Result<&str, AuthError> {
+    let mut found = None;
+    let mut count = 0;
+    for value in headers.get_all(AUTHORIZATION) {
+        let text = value.to_str().unwrap_or("");
+        if text.len() >= 10 && text[..10].eq_ignore_ascii_case("signature ") {
+            count += 1;
+            found = Some(text);
+        }
+    }
+    for value in headers.get_all(&headers::X_SIGNATURE) {
+        count += 1;
+        found = Some(
+            value
+                .to_str()
+                .map_err(|_| AuthError::SignatureMalformed("X-Signature is not ASCII".into()))?,
+        );
+    }
+    match (count, found) {
+        (0, _) | (_, None) => Err(AuthError::SignatureMissing(
+            "no `Authorization: Signature v1, ...` header (or X-Signature beside a bearer token)"
+                .into(),
+        )),
+        (1, Some(value)) => Ok(value),
+        _ => Err(AuthError::SignatureMalformed(
+            "more than one signature header".into(),
+        )),
+    }
+}
+
+/// Reads the whole body, hashing it as it arrives, refusing it past `limit`.
+async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Rejection> {
+    let mut hasher = Sha256::new();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            tracing::debug!(error = %e, "client body broke off");
+            Rejection::BodyIncomplete
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(Rejection::BodyTooLarge(limit));
+            }
+            hasher.update(data);
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok((buf.freeze(), hex::encode(hasher.finalize())))
 }
 
 /// What the log line and metrics of a request say.
@@ -227,6 +389,7 @@ struct Outcome<'a> {
     route: Option<&'a str>,
     code: &'static str,
     subject: Option<String>,
+    client: Option<String>,
 }
 
 impl Default for Outcome<'_> {
@@ -235,6 +398,7 @@ impl Default for Outcome<'_> {
             route: None,
             code: "ok",
             subject: None,
+            client: None,
         }
     }
 }
@@ -333,6 +497,11 @@ fn add_identity(headers: &mut http::HeaderMap, identity: &Identity) -> Result<()
         if !headers::set(headers, headers::X_AUTH_CLAIMS, &token.payload_b64) {
             return Err(unsendable("payload"));
         }
+    }
+    if let Some(signature) = &identity.signature {
+        // Key ids and client names come from the configuration, which holds only visible text.
+        headers::set(headers, headers::X_AUTH_CLIENT, &signature.client);
+        headers::set(headers, headers::X_AUTH_KEY_ID, &signature.key_id);
     }
     Ok(())
 }

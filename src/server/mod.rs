@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionInfo, Proxy};
+use crate::store::{self, StoreError};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,10 @@ pub enum RunError {
         /// The operating system's reason.
         source: std::io::Error,
     },
+    /// The store named in `[store]` cannot be used (a bad URL; a store that is merely down
+    /// does not stop the start).
+    #[error("cannot use the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A proxy whose listeners are bound and whose keys are loaded, ready to serve.
@@ -56,10 +61,16 @@ impl Server {
         let listener = bind(config.server.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let metrics = Arc::new(Metrics::new());
+        let nonces = store::connect(&config.store).await?;
         let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
         let jwt = JwtVerifier::new(&config.jwt, keys.clone());
-        let proxy = Arc::new(Proxy::new(config.clone(), jwt, metrics.clone()));
-        let admin = Arc::new(Admin::new(keys.clone(), metrics));
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            jwt,
+            nonces.clone(),
+            metrics.clone(),
+        ));
+        let admin = Arc::new(Admin::new(keys.clone(), nonces, &config, metrics));
         Ok(Server {
             listener,
             admin_listener,

@@ -22,11 +22,11 @@
 
 use std::time::Duration;
 
-use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
-    Options, Pool, ReconnectPolicy, SetOptions,
-};
 use fred::interfaces::EventInterface;
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface, Options,
+    Pool, ReconnectPolicy, SetOptions,
+};
 use fred::types::config::UnresponsiveConfig;
 
 use super::{NonceOutcome, NonceStore, StoreError};
