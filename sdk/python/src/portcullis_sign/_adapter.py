@@ -11,10 +11,10 @@ def signature_header_name(authorization: Optional[str]) -> str:
     ambiguous, so it is refused rather than overwritten."""
     if authorization is None:
         return "Authorization"
-    scheme = authorization.strip().partition(" ")[0].lower()
-    if scheme == "bearer":
+    scheme = authorization.strip().partition(" ")[0]
+    if scheme.lower() == "bearer":
         return "X-Signature"
-    if scheme == "signature":
+    if scheme.lower() == "signature":
         # Signing again (a retry through the same auth): replace the old signature.
         return "Authorization"
     raise ValueError(
