@@ -44,6 +44,40 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Sign a request with scheme v1: print the Authorization header, or a curl command.
+    Sign(SignArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SignArgs {
+    /// The signing key's id (`keyId`).
+    #[arg(long)]
+    key_id: String,
+    /// The environment variable holding the secret.
+    #[arg(long, conflicts_with = "secret_file", required_unless_present = "secret_file")]
+    secret_env: Option<String>,
+    /// A file holding the secret (trailing newline trimmed).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// hmac-sha256 or hmac-sha512 (must be the key's algorithm).
+    #[arg(long, default_value = "hmac-sha256")]
+    algorithm: String,
+    /// The request body.
+    #[arg(long, conflicts_with = "data_file")]
+    data: Option<String>,
+    /// A file holding the request body, sent byte for byte.
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Print `X-Signature: ...` (for requests that carry a bearer token in Authorization).
+    #[arg(long)]
+    x_signature: bool,
+    /// Print a ready curl command instead of the header.
+    #[arg(long)]
+    curl: bool,
+    /// The HTTP method.
+    method: String,
+    /// The full URL, exactly as the request will be sent.
+    url: String,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +85,16 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Sign(args) => match sign(&args) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis sign: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Proxy { config } => {
             let config = match Config::load(&config) {
                 Ok(config) => config,
@@ -98,6 +142,94 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn sign(args: &SignArgs) -> anyhow::Result<String> {
+    use portcullis::auth::signature;
+    use portcullis::config::SignatureAlgorithm;
+    use sha2::Digest;
+
+    let algorithm = match args.algorithm.as_str() {
+        "hmac-sha256" => SignatureAlgorithm::HmacSha256,
+        "hmac-sha512" => SignatureAlgorithm::HmacSha512,
+        other => anyhow::bail!("--algorithm {other:?} is not hmac-sha256 or hmac-sha512"),
+    };
+    let secret = match (&args.secret_env, &args.secret_file) {
+        (Some(var), _) => std::env::var(var)
+            .with_context(|| format!("environment variable {var} is not set"))?
+            .into_bytes(),
+        (None, Some(file)) => {
+            let mut bytes =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            bytes
+        }
+        (None, None) => anyhow::bail!("give --secret-env or --secret-file"),
+    };
+    let body = match (&args.data, &args.data_file) {
+        (Some(data), _) => data.clone().into_bytes(),
+        (None, Some(file)) => {
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let uri: http::Uri = args
+        .url
+        .parse()
+        .with_context(|| format!("{:?} is not a URL", args.url))?;
+    let host = uri
+        .authority()
+        .with_context(|| format!("{:?} has no host", args.url))?
+        .as_str();
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let method = args.method.to_ascii_uppercase();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let body_hash = hex::encode(sha2::Sha256::digest(&body));
+    let to_sign = signature::string_to_sign(&method, target, host, ts, &nonce, &body_hash);
+    let sig = signature::sign(algorithm, &secret, to_sign.as_bytes());
+    let alg = match algorithm {
+        SignatureAlgorithm::HmacSha256 => String::new(),
+        SignatureAlgorithm::HmacSha512 => ", alg=\"hmac-sha512\"".to_owned(),
+    };
+    let value = format!(
+        "Signature v1, keyId=\"{}\", ts=\"{ts}\", nonce=\"{nonce}\", signature=\"{sig}\"{alg}",
+        args.key_id
+    );
+    let header = if args.x_signature {
+        format!("X-Signature: {value}")
+    } else {
+        format!("Authorization: {value}")
+    };
+    if !args.curl {
+        return Ok(header);
+    }
+    let mut cmd = format!(
+        "curl -X {} {} -H {}",
+        shell_quote(&method),
+        shell_quote(&args.url),
+        shell_quote(&header)
+    );
+    match (&args.data, &args.data_file) {
+        (Some(data), _) => cmd.push_str(&format!(" --data-binary {}", shell_quote(data))),
+        (None, Some(file)) => cmd.push_str(&format!(
+            " --data-binary {}",
+            shell_quote(&format!("@{}", file.display()))
+        )),
+        (None, None) => {}
+    }
+    Ok(cmd)
+}
+
+/// Single-quotes `text` for a POSIX shell.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
 }
 
 fn proxy(config: Config) -> anyhow::Result<()> {
