@@ -22,14 +22,22 @@
 
 use std::time::Duration;
 
-use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface,
-    Options, Pool, ReconnectPolicy, SetOptions,
-};
 use fred::interfaces::EventInterface;
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface, Options,
+    Pool, ReconnectPolicy, SetOptions,
+};
 use fred::types::config::UnresponsiveConfig;
 
 use super::{NonceOutcome, NonceStore, StoreError};
+
+/// The url schemes `[store] url` may use.
+const SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis-cluster://",
+    "redis-sentinel://",
+];
 
 /// Connections in the pool. One Redis connection pipelines many commands; a second one keeps
 /// commands flowing while the other reconnects.
@@ -76,6 +84,13 @@ impl RedisNonceStore {
     /// `redis-sentinel://h1:p1,h2:p2/db?sentinelServiceName=name`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let target = redacted(url);
+        // fred reads any unknown scheme as plain redis://; the config layer only lets these
+        // through, and a StoreConfig built by hand gets the same answer.
+        if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+            return Err(StoreError::InvalidUrl {
+                reason: format!("{target} does not start with {}", SCHEMES.join(", ")),
+            });
+        }
         let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
             reason: e.details().to_owned(),
         })?;
