@@ -17,10 +17,7 @@ fn portcullis() -> Command {
 #[test]
 fn example_config_is_accepted_by_check_config() {
     let out = portcullis()
-        .args([
-            "check-config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"),
-        ])
+        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -50,43 +47,22 @@ methods = ["get"]
 "#,
     )
     .unwrap();
-    let out = portcullis()
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = portcullis().arg("check-config").arg(&file).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
-    let errors: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
+    let errors: Vec<&str> = stdout.lines().filter(|l| l.starts_with("error: ")).collect();
     assert_eq!(errors.len(), 3, "{stdout}");
     assert!(errors[0].starts_with("error: server.listen: "), "{stdout}");
-    assert!(
-        errors[1].starts_with("error: upstream.connect_timeout: "),
-        "{stdout}"
-    );
-    assert!(
-        errors[2].starts_with("error: routes[0].methods[0]: "),
-        "{stdout}"
-    );
+    assert!(errors[1].starts_with("error: upstream.connect_timeout: "), "{stdout}");
+    assert!(errors[2].starts_with("error: routes[0].methods[0]: "), "{stdout}");
 }
 
 #[test]
 fn unknown_keys_and_short_secrets_are_configuration_errors() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("unknown.toml");
-    std::fs::write(
-        &file,
-        "[upstream]\nurl = \"http://127.0.0.1:1\"\nconect_timeout = \"1s\"\n",
-    )
-    .unwrap();
-    let out = portcullis()
-        .args(["proxy", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    std::fs::write(&file, "[upstream]\nurl = \"http://127.0.0.1:1\"\nconect_timeout = \"1s\"\n").unwrap();
+    let out = portcullis().args(["proxy", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("conect_timeout"));
 
@@ -104,17 +80,10 @@ secrets = [{ kid = "k", file = "short.secret" }]
 "#,
     )
     .unwrap();
-    let out = portcullis()
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = portcullis().arg("check-config").arg(&file).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(64), "{stdout}");
-    assert!(
-        stdout.contains("error: jwt.issuers[0].secrets[0]: the secret is 9 bytes"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("error: jwt.issuers[0].secrets[0]: the secret is 9 bytes"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,11 +91,8 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.toml");
-    let text = config_text(
-        upstream.addr,
-        "[[routes]]\nname = \"all\"\npath_prefix = \"/\"\n",
-    )
-    .replace("request_timeout = \"2s\"", "request_timeout = \"10s\"");
+    let text = config_text(upstream.addr, "[[routes]]\nname = \"all\"\npath_prefix = \"/\"\n")
+        .replace("request_timeout = \"2s\"", "request_timeout = \"10s\"");
     std::fs::write(&file, text).unwrap();
     let mut child = portcullis()
         .args(["--log-format", "json", "proxy", "--config"])
@@ -144,9 +110,7 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
         }
     });
     let listen = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("proxy did not start");
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("proxy did not start");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if let Some(listen) = v["fields"]["listen"].as_str() {
             break listen.to_owned();
@@ -156,28 +120,15 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
     let url = format!("http://{listen}/slow");
     let slow = tokio::spawn(async move { get(&url, &[("x-test-delay-ms", "1500")]).await });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        upstream.count(),
-        0,
-        "the upstream answered before the delay"
-    );
+    assert_eq!(upstream.count(), 0, "the upstream answered before the delay");
     let pid = child.id().to_string();
     // sh's built-in kill: no procps needed on a bare machine.
-    let kill = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status();
+    let kill = Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status();
     assert!(kill.unwrap().success());
 
     let response = slow.await.unwrap();
-    assert_eq!(
-        response.status, 200,
-        "the in-flight request was cut: {}",
-        response.body
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(response.status, 200, "the in-flight request was cut: {}", response.body);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
     let logs: Vec<String> = rx.try_iter().collect();
     assert!(logs.iter().any(|l| l.contains("draining")), "{logs:?}");
