@@ -28,13 +28,13 @@ fn store_config(backend: StoreBackend) -> StoreConfig {
 async fn memory_store() -> Arc<dyn NonceStore> {
     store::connect(&store_config(StoreBackend::Memory))
         .await
-        .unwrap()
+        .expect("the memory store always builds")
 }
 
 async fn redis_store(url: String) -> Arc<dyn NonceStore> {
     store::connect(&store_config(StoreBackend::Redis { url }))
         .await
-        .unwrap()
+        .expect("a redis:// url to 127.0.0.1 is valid")
 }
 
 // ---- the conformance suite: every function takes any store ----
@@ -100,7 +100,8 @@ async fn fifty_concurrent_uses_of_one_nonce_give_exactly_one_fresh(store: Arc<dy
         .collect();
     let mut outcomes = Vec::new();
     for task in tasks {
-        outcomes.push(task.await.unwrap().unwrap());
+        let outcome = task.await.expect("a record_once task panicked");
+        outcomes.push(outcome.expect("record_once failed"));
     }
     let fresh = outcomes.iter().filter(|o| **o == Fresh).count();
     assert_eq!(fresh, 1, "{outcomes:?}");

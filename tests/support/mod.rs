@@ -1,7 +1,7 @@
 //! Shared parts of the integration tests: a real upstream that echoes what it received, a JWKS
 //! server, a proxy started in-process on free loopback ports, raw HTTP clients, and a real
 //! `redis-server` of the test's own.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod http;
 pub mod jwks;
