@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use portcullis::config::{OnStoreError, StoreBackend, StoreConfig};
 use portcullis::store::{self, NonceOutcome, NonceStore};
-use support::redis::{free_port, RedisServer};
+use support::redis::{free_port, RedisServer, ReplyCutter};
 use tokio::sync::Barrier;
 
 use NonceOutcome::{Fresh, Replayed};
@@ -242,6 +242,35 @@ async fn redis_started_after_the_store_is_picked_up_without_reconnecting_by_hand
     let to_recover = wait_until_ok(&store, Duration::from_secs(5)).await;
     eprintln!("record_once Ok {to_recover:?} after a late redis answered PING");
     assert_eq!(store.ping().await, Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_is_an_error_and_never_a_replay() {
+    let server = RedisServer::start().await;
+    let cutter = ReplyCutter::start(server.addr()).await;
+    // A long timeout, so that a client that reconnected and sent the SET NX again would have
+    // the time to do it and answer Replayed.
+    let mut config = store_config(StoreBackend::Redis { url: cutter.url() });
+    config.timeout = Duration::from_secs(3);
+    let store = store::connect(&config)
+        .await
+        .expect("a redis:// url to 127.0.0.1 is valid");
+    assert_eq!(
+        store.record_once("k", "warm-up-nonce-0000001", TTL).await,
+        Ok(Fresh)
+    );
+
+    cutter.cut_next_reply();
+    let nonce = "reply-lost-nonce-00001";
+    let result = store.record_once("k", nonce, TTL).await;
+    assert!(
+        matches!(result, Err(store::StoreError::Unavailable { .. })),
+        "a SET NX whose reply was lost must be an error, got {result:?}"
+    );
+    // Redis did apply it: the client learns that only from a later use of the same nonce,
+    // which is then a replay indeed.
+    wait_until_ok(&store, Duration::from_secs(5)).await;
+    assert_eq!(store.record_once("k", nonce, TTL).await, Ok(Replayed));
 }
 
 #[tokio::test]

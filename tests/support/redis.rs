@@ -1,9 +1,12 @@
 //! A real `redis-server` of the test's own, on a free loopback port, with no persistence. The
 //! test can kill it (SIGKILL: no goodbye on the sockets) and start it again on the same port.
-//! It is killed when dropped. Tests never touch a Redis they did not start.
+//! It is killed when dropped. Tests never touch a Redis they did not start. [`ReplyCutter`]
+//! sits in front of one to lose a reply on purpose.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,4 +102,61 @@ async fn answers_ping(addr: SocketAddr) -> bool {
     let mut reply = [0u8; 7];
     let read = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut reply)).await;
     matches!(read, Ok(Ok(_))) && &reply == b"+PONG\r\n"
+}
+
+/// A TCP relay in front of a Redis that can swallow one reply and cut that connection: what a
+/// client sees when its connection drops after the server applied the command but before the
+/// reply arrived.
+pub struct ReplyCutter {
+    pub port: u16,
+    cut_next: Arc<AtomicBool>,
+}
+
+impl ReplyCutter {
+    pub async fn start(redis: SocketAddr) -> ReplyCutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_next = Arc::new(AtomicBool::new(false));
+        let cut = cut_next.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(redis).await else {
+                    continue;
+                };
+                let cut = cut.clone();
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut redis_read, mut redis_write) = outbound.into_split();
+                    let upstream = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut redis_write).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match redis_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut.swap(false, Ordering::SeqCst) {
+                            break;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping the halves closes both connections.
+                    upstream.abort();
+                });
+            }
+        });
+        ReplyCutter { port, cut_next }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The next reply from Redis, on whichever connection, is dropped with its connection.
+    pub fn cut_next_reply(&self) {
+        self.cut_next.store(true, Ordering::SeqCst);
+    }
 }
