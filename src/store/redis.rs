@@ -28,8 +28,17 @@ use fred::prelude::{
     Pool, ReconnectPolicy, SetOptions,
 };
 use fred::types::config::UnresponsiveConfig;
+use fred::types::ConnectHandle;
 
 use super::{NonceOutcome, NonceStore, StoreError};
+
+/// The url schemes `[store] url` may use.
+const SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis-cluster://",
+    "redis-sentinel://",
+];
 
 /// Connections in the pool. One Redis connection pipelines many commands; a second one keeps
 /// commands flowing while the other reconnects.
@@ -48,9 +57,12 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
 
 /// Nonces in Redis, with a fred connection pool that reconnects in the background.
-#[derive(Clone)]
+///
+/// Dropping it stops the background tasks (and with them the reconnect attempts).
 pub struct RedisNonceStore {
     pool: Pool,
+    /// The tasks that drive each pooled connection and its reconnects.
+    drivers: Vec<ConnectHandle>,
     /// Applied to every command; see the module doc for why these values.
     options: Options,
     timeout: Duration,
@@ -76,6 +88,13 @@ impl RedisNonceStore {
     /// `redis-sentinel://h1:p1,h2:p2/db?sentinelServiceName=name`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let target = redacted(url);
+        // fred reads any unknown scheme as plain redis://; the config layer only lets these
+        // through, and a StoreConfig built by hand gets the same answer.
+        if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+            return Err(StoreError::InvalidUrl {
+                reason: format!("{target} does not start with {}", SCHEMES.join(", ")),
+            });
+        }
         let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
             reason: e.details().to_owned(),
         })?;
@@ -114,8 +133,7 @@ impl RedisNonceStore {
                 Ok(())
             });
         }
-        // Drives the connections (and their reconnects) until the pool is dropped or quits.
-        let _driver = pool.connect();
+        let drivers = pool.connect_pool();
         if tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
             .await
             .is_err()
@@ -130,6 +148,7 @@ impl RedisNonceStore {
         };
         Ok(Self {
             pool,
+            drivers,
             options,
             timeout,
             target,
@@ -166,6 +185,15 @@ impl RedisNonceStore {
         match tokio::time::timeout(self.timeout, command).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+impl Drop for RedisNonceStore {
+    fn drop(&mut self) {
+        // Without this a dropped store would go on reconnecting to a Redis nobody uses.
+        for driver in &self.drivers {
+            driver.abort();
         }
     }
 }
