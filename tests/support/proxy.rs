@@ -96,3 +96,62 @@ impl TestProxy {
         assert_eq!(worker_panics(), 0, "a proxy worker thread panicked");
     }
 }
+
+/// A `portcullis proxy` process of the real binary, for tests that need separate processes.
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Writes `toml` to a temporary file and starts the binary on it with `env`; waits until
+    /// it logs its listen addresses.
+    pub fn spawn(toml: &str, env: &[(&str, &str)]) -> ProxyProcess {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("portcullis.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command
+            .args(["--log-format", "json", "proxy", "--config"])
+            .arg(&file)
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        let f = &v["fields"];
+                        if let (Some(l), Some(a)) = (f["listen"].as_str(), f["admin"].as_str()) {
+                            let _ = tx.send((l.parse().unwrap(), a.parse().unwrap()));
+                            sent = true;
+                        }
+                    }
+                }
+            }
+        });
+        let (addr, admin) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the proxy process did not start");
+        ProxyProcess { addr, admin, child, _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
