@@ -317,6 +317,14 @@ mod tests {
     }
 
     #[test]
+    fn rediss_urls_use_tls() {
+        let config = Config::from_url("rediss://cache.example.org:6380/1").unwrap();
+        assert!(config.uses_tls());
+        let config = Config::from_url("redis://cache.example.org:6379/1").unwrap();
+        assert!(!config.uses_tls());
+    }
+
+    #[test]
     fn redacted_urls_hold_no_password() {
         assert_eq!(
             redacted("redis://user:hunter2@h:6379/0?x=1"),
