@@ -11,8 +11,10 @@
 //! - **No retries.** A `SET NX` whose reply was lost may have been applied; sent again it would
 //!   answer nil and turn a first use into a replay. So every command is written at most once
 //!   (`max_command_attempts = 1`, and per command `max_attempts = 1`), and a lost reply is an
-//!   error. A command that timed out is never written later (fred drops timed-out commands from
-//!   its queues), so a client that retries with the same nonce after a 503 is not refused.
+//!   error. A command that timed out while still queued is never written later (fred drops
+//!   timed-out commands from its queues). One that timed out or lost its reply after it was
+//!   written may have been applied: a client that then retries with the same nonce gets
+//!   nonce_replayed, which is the safe side; clients should sign each attempt with a new nonce.
 //! - **Fail fast.** While disconnected, a command fails at once (`fail_fast` per command) instead
 //!   of waiting in fred's queue for a reconnect; and no command waits longer than
 //!   `[store] timeout`.
@@ -314,6 +316,14 @@ mod tests {
         ] {
             assert!(Config::from_url(&fred_url(url)).is_ok(), "{url}");
         }
+    }
+
+    #[test]
+    fn rediss_urls_use_tls() {
+        let config = Config::from_url("rediss://cache.example.org:6380/1").unwrap();
+        assert!(config.uses_tls());
+        let config = Config::from_url("redis://cache.example.org:6379/1").unwrap();
+        assert!(!config.uses_tls());
     }
 
     #[test]
