@@ -54,7 +54,11 @@ struct SignArgs {
     #[arg(long)]
     key_id: String,
     /// The environment variable holding the secret.
-    #[arg(long, conflicts_with = "secret_file", required_unless_present = "secret_file")]
+    #[arg(
+        long,
+        conflicts_with = "secret_file",
+        required_unless_present = "secret_file"
+    )]
     secret_env: Option<String>,
     /// A file holding the secret (trailing newline trimmed).
     #[arg(long)]

@@ -22,7 +22,10 @@ const EXPIRED: &str = "client-42-secret-2026-10-of-32-bytes!";
 const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!!";
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn env() -> Vec<(&'static str, &'static str)> {
@@ -81,7 +84,10 @@ require = ["jwt", "signature"]
 }
 
 fn redis_store(redis: &RedisServer) -> String {
-    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"100ms\"", redis.url())
+    format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"100ms\"",
+        redis.url()
+    )
 }
 
 /// A signed request: everything the string to sign covers, and the header to send.
@@ -105,19 +111,37 @@ fn signed_with(
     ts: u64,
 ) -> Signed {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
-    let to_sign = string_to_sign(method, target, host, ts, &nonce, &hex::encode(Sha256::digest(body)));
+    let to_sign = string_to_sign(
+        method,
+        target,
+        host,
+        ts,
+        &nonce,
+        &hex::encode(Sha256::digest(body)),
+    );
     let sig = sign(algorithm, secret.as_bytes(), to_sign.as_bytes());
     Signed {
         method: method.into(),
         target: target.into(),
         host: host.into(),
         body: body.to_vec(),
-        header: format!(r#"Signature v1, keyId="{key_id}", ts="{ts}", nonce="{nonce}", signature="{sig}""#),
+        header: format!(
+            r#"Signature v1, keyId="{key_id}", ts="{ts}", nonce="{nonce}", signature="{sig}""#
+        ),
     }
 }
 
 fn signed(method: &str, target: &str, host: &str, body: &[u8]) -> Signed {
-    signed_with("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256, method, target, host, body, now())
+    signed_with(
+        "client-42-2026-12",
+        CURRENT,
+        SignatureAlgorithm::HmacSha256,
+        method,
+        target,
+        host,
+        body,
+        now(),
+    )
 }
 
 /// Sends `s` byte for byte (the target exactly as signed), with `Authorization: <header>` and
@@ -139,7 +163,12 @@ async fn send_signed(addr: std::net::SocketAddr, s: &Signed, extra: &str) -> Raw
 }
 
 fn assert_refused(response: &RawResponse, status: u16, code: &str) {
-    assert_eq!((response.status, response.code().as_str()), (status, code), "{}", response.body);
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (status, code),
+        "{}",
+        response.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,11 +176,22 @@ async fn a_valid_signed_request_passes_with_client_identity() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
+    let proxy =
+        TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
     let host = proxy.addr.to_string();
 
-    let s = signed("POST", "/signed/tx?account=42&note=a%20b", &host, br#"{"amount":"12.50"}"#);
-    let response = send_signed(proxy.addr, &s, "X-Auth-Client: spoofed\nContent-Type: application/json").await;
+    let s = signed(
+        "POST",
+        "/signed/tx?account=42&note=a%20b",
+        &host,
+        br#"{"amount":"12.50"}"#,
+    );
+    let response = send_signed(
+        proxy.addr,
+        &s,
+        "X-Auth-Client: spoofed\nContent-Type: application/json",
+    )
+    .await;
     assert_eq!(response.status, 200, "{}", response.body);
     let seen = upstream.last();
     assert_eq!(seen.header("x-auth-client"), Some("client-42"));
@@ -175,24 +215,61 @@ async fn every_signature_failure_has_its_code() {
 
     let response = get(&proxy.url("/signed/x"), &[]).await;
     assert_refused(&response, 401, "signature_missing");
-    assert!(response.header("www-authenticate").unwrap().starts_with("Signature "));
+    assert!(response
+        .header("www-authenticate")
+        .unwrap()
+        .starts_with("Signature "));
 
     let good = signed("GET", "/signed/x", &host, b"");
     let mut malformed = good.clone();
     malformed.header = good.header.replace("Signature v1,", "Signature v2,");
-    assert_refused(&send_signed(proxy.addr, &malformed, "").await, 401, "signature_malformed");
+    assert_refused(
+        &send_signed(proxy.addr, &malformed, "").await,
+        401,
+        "signature_malformed",
+    );
     malformed.header = format!("{}, extra=\"1\"", good.header);
-    assert_refused(&send_signed(proxy.addr, &malformed, "").await, 401, "signature_malformed");
+    assert_refused(
+        &send_signed(proxy.addr, &malformed, "").await,
+        401,
+        "signature_malformed",
+    );
     // Two signature headers at once.
     let response = send_signed(proxy.addr, &good, &format!("X-Signature: {}", good.header)).await;
     assert_refused(&response, 401, "signature_malformed");
 
-    let unknown = signed_with("client-99", CURRENT, SignatureAlgorithm::HmacSha256, "GET", "/signed/x", &host, b"", now());
-    assert_refused(&send_signed(proxy.addr, &unknown, "").await, 401, "unknown_signing_key");
+    let unknown = signed_with(
+        "client-99",
+        CURRENT,
+        SignatureAlgorithm::HmacSha256,
+        "GET",
+        "/signed/x",
+        &host,
+        b"",
+        now(),
+    );
+    assert_refused(
+        &send_signed(proxy.addr, &unknown, "").await,
+        401,
+        "unknown_signing_key",
+    );
 
     for ts in [now() - 301, now() + 301] {
-        let s = signed_with("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256, "GET", "/signed/x", &host, b"", ts);
-        assert_refused(&send_signed(proxy.addr, &s, "").await, 401, "timestamp_out_of_window");
+        let s = signed_with(
+            "client-42-2026-12",
+            CURRENT,
+            SignatureAlgorithm::HmacSha256,
+            "GET",
+            "/signed/x",
+            &host,
+            b"",
+            ts,
+        );
+        assert_refused(
+            &send_signed(proxy.addr, &s, "").await,
+            401,
+            "timestamp_out_of_window",
+        );
     }
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
@@ -226,7 +303,10 @@ async fn any_changed_line_is_a_mismatch_that_shows_the_string_to_sign() {
     for (what, s) in changed {
         let response = send_signed(proxy.addr, &s, "").await;
         assert_refused(&response, 401, "signature_mismatch");
-        let shown = response.json()["string_to_sign"].as_str().unwrap().to_owned();
+        let shown = response.json()["string_to_sign"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let lines: Vec<&str> = shown.split('\n').collect();
         assert_eq!(lines.len(), 7, "{what}: {shown}");
         assert_eq!(lines[1], s.method, "{what}");
@@ -247,15 +327,32 @@ async fn both_keys_of_a_rotating_client_pass_and_an_expired_key_does_not() {
     let host = proxy.addr.to_string();
     for (id, secret, alg) in [
         ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
-        ("client-42-2026-11", PREVIOUS, SignatureAlgorithm::HmacSha512),
+        (
+            "client-42-2026-11",
+            PREVIOUS,
+            SignatureAlgorithm::HmacSha512,
+        ),
     ] {
         let s = signed_with(id, secret, alg, "GET", "/signed/r", &host, b"", now());
         let response = send_signed(proxy.addr, &s, "").await;
         assert_eq!(response.status, 200, "{id}: {}", response.body);
         assert_eq!(upstream.last().header("x-auth-key-id"), Some(id));
     }
-    let s = signed_with("client-42-2026-10", EXPIRED, SignatureAlgorithm::HmacSha256, "GET", "/signed/r", &host, b"", now());
-    assert_refused(&send_signed(proxy.addr, &s, "").await, 401, "unknown_signing_key");
+    let s = signed_with(
+        "client-42-2026-10",
+        EXPIRED,
+        SignatureAlgorithm::HmacSha256,
+        "GET",
+        "/signed/r",
+        &host,
+        b"",
+        now(),
+    );
+    assert_refused(
+        &send_signed(proxy.addr, &s, "").await,
+        401,
+        "unknown_signing_key",
+    );
     proxy.stop().await;
 }
 
@@ -281,8 +378,14 @@ async fn a_bearer_token_and_x_signature_pass_together() {
     assert_eq!(seen.header("x-auth-client"), Some("client-42"));
 
     // Without the signature the route refuses even a valid token.
-    let head = format!("POST /both/x HTTP/1.1\nHost: {host}\nAuthorization: Bearer {token}\nContent-Length: 2");
-    assert_refused(&raw(proxy.addr, &head, b"{}").await, 401, "signature_missing");
+    let head = format!(
+        "POST /both/x HTTP/1.1\nHost: {host}\nAuthorization: Bearer {token}\nContent-Length: 2"
+    );
+    assert_refused(
+        &raw(proxy.addr, &head, b"{}").await,
+        401,
+        "signature_missing",
+    );
     proxy.stop().await;
 }
 
@@ -294,11 +397,22 @@ async fn signed_bodies_over_the_limit_get_413() {
     let proxy = TestProxy::start(&text, dir.path(), &env()).await;
     let host = proxy.addr.to_string();
     let s = signed("POST", "/signed/big", &host, &[b'x'; 65]);
-    assert_refused(&send_signed(proxy.addr, &s, "").await, 413, "body_too_large");
+    assert_refused(
+        &send_signed(proxy.addr, &s, "").await,
+        413,
+        "body_too_large",
+    );
     // Chunked, no length: refused once the stream passes the limit.
-    let head = format!("POST /signed/big HTTP/1.1\nHost: {host}\nAuthorization: {}\nTransfer-Encoding: chunked", s.header);
+    let head = format!(
+        "POST /signed/big HTTP/1.1\nHost: {host}\nAuthorization: {}\nTransfer-Encoding: chunked",
+        s.header
+    );
     let body = format!("41\r\n{}\r\n0\r\n\r\n", "x".repeat(65));
-    assert_refused(&raw(proxy.addr, &head, body.as_bytes()).await, 413, "body_too_large");
+    assert_refused(
+        &raw(proxy.addr, &head, body.as_bytes()).await,
+        413,
+        "body_too_large",
+    );
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
 }
@@ -324,16 +438,26 @@ async fn redis_down_fails_closed_fast_and_recovers_without_a_restart() {
     let mut redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
+    let proxy =
+        TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
     let host = proxy.addr.to_string();
-    assert_eq!(send_signed(proxy.addr, &signed("GET", "/signed/1", &host, b""), "").await.status, 200);
+    assert_eq!(
+        send_signed(proxy.addr, &signed("GET", "/signed/1", &host, b""), "")
+            .await
+            .status,
+        200
+    );
     assert_eq!(get(&proxy.admin_url("/readyz"), &[]).await.status, 200);
 
     redis.kill();
     let started = Instant::now();
     let response = send_signed(proxy.addr, &signed("GET", "/signed/2", &host, b""), "").await;
     assert_refused(&response, 503, "store_unavailable");
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     let ready = get(&proxy.admin_url("/readyz"), &[]).await;
     assert_eq!(ready.status, 503, "{}", ready.body);
     assert_eq!(ready.json()["store"]["state"], "unavailable");
@@ -346,13 +470,22 @@ async fn redis_down_fails_closed_fast_and_recovers_without_a_restart() {
             break;
         }
         assert_refused(&response, 503, "store_unavailable");
-        assert!(restarted.elapsed() < Duration::from_secs(5), "no recovery within 5s");
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "no recovery within 5s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(&proxy.admin_url("/readyz"), &[]).await.status, 200);
     let metrics = get(&proxy.admin_url("/metrics"), &[]).await.body;
-    assert!(metrics.contains(r#"portcullis_store_errors_total{operation="record_nonce"}"#), "{metrics}");
-    assert!(metrics.contains(r#"portcullis_signature_checks_total{result="store_unavailable"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"portcullis_store_errors_total{operation="record_nonce"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"portcullis_signature_checks_total{result="store_unavailable"}"#),
+        "{metrics}"
+    );
     proxy.stop().await;
 }
 
@@ -370,7 +503,11 @@ async fn on_error_allow_lets_signed_requests_through_while_the_store_is_down() {
     // A bad signature is still refused: only the replay check is skipped.
     let mut bad = signed("GET", "/signed/x", &host, b"");
     bad.target = "/signed/y".into();
-    assert_refused(&send_signed(proxy.addr, &bad, "").await, 401, "signature_mismatch");
+    assert_refused(
+        &send_signed(proxy.addr, &bad, "").await,
+        401,
+        "signature_mismatch",
+    );
     proxy.stop().await;
 }
 
@@ -381,29 +518,71 @@ async fn a_request_signed_by_portcullis_sign_passes() {
     let proxy = TestProxy::start(&config(&upstream, ""), dir.path(), &env()).await;
     let url = proxy.url("/signed/cli?x=1");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["sign", "--key-id", "client-42-2026-12", "--secret-env", "SIG", "--data", "{\"a\":1}", "POST", &url])
+        .args([
+            "sign",
+            "--key-id",
+            "client-42-2026-12",
+            "--secret-env",
+            "SIG",
+            "--data",
+            "{\"a\":1}",
+            "POST",
+            &url,
+        ])
         .env("SIG", CURRENT)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout).unwrap();
-    let value = line.trim().strip_prefix("Authorization: ").unwrap().to_owned();
-    let response = send("POST", &url, &[("authorization", &value)], b"{\"a\":1}".to_vec()).await;
+    let value = line
+        .trim()
+        .strip_prefix("Authorization: ")
+        .unwrap()
+        .to_owned();
+    let response = send(
+        "POST",
+        &url,
+        &[("authorization", &value)],
+        b"{\"a\":1}".to_vec(),
+    )
+    .await;
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(upstream.last().header("x-auth-client"), Some("client-42"));
 
     // --curl prints a command that curl runs as it is.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["sign", "--key-id", "client-42-2026-12", "--secret-env", "SIG", "--curl", "--data", "{}", "POST", &url])
+        .args([
+            "sign",
+            "--key-id",
+            "client-42-2026-12",
+            "--secret-env",
+            "SIG",
+            "--curl",
+            "--data",
+            "{}",
+            "POST",
+            &url,
+        ])
         .env("SIG", CURRENT)
         .output()
         .unwrap();
     let cmd = String::from_utf8(out.stdout).unwrap();
     assert!(cmd.starts_with("curl -X 'POST' "), "{cmd}");
-    if std::process::Command::new("curl").arg("--version").output().is_ok() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
         let cmd = cmd.trim().to_owned();
         let output = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("sh").args(["-c", &format!("{cmd} -s -o /dev/null -w '%{{http_code}}'")]).output().unwrap()
+            std::process::Command::new("sh")
+                .args(["-c", &format!("{cmd} -s -o /dev/null -w '%{{http_code}}'")])
+                .output()
+                .unwrap()
         })
         .await
         .unwrap();

@@ -479,6 +479,46 @@ impl Validator<'_> {
         Some(Secret(bytes))
     }
 
+    /// Loads a secret text (a URL with a password) from an environment variable or a file.
+    fn secret_text(
+        &mut self,
+        path: &str,
+        env_key: &str,
+        env: Option<&str>,
+        file_key: &str,
+        file: Option<&str>,
+    ) -> Option<String> {
+        match (env, file) {
+            (Some(var), None) => match (self.env)(var) {
+                Some(value) => Some(value),
+                None => {
+                    self.error(
+                        format!("{path}.{env_key}"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let p = self.file_path(file);
+                match std::fs::read_to_string(&p) {
+                    Ok(text) => Some(text.trim_end_matches(['\n', '\r']).to_owned()),
+                    Err(e) => {
+                        self.error(
+                            format!("{path}.{file_key}"),
+                            format!("cannot read {}: {e}", p.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.error(path, format!("give {env_key} or {file_key}, not both"));
+                None
+            }
+        }
+    }
+
     fn positive(&mut self, path: &str, value: Option<i64>, default: u64, allow_zero: bool) -> u64 {
         match value {
             None => default,
@@ -692,7 +732,30 @@ impl Validator<'_> {
     }
 
     fn store(&mut self, raw: raw::RawStore) -> StoreConfig {
-        let backend = match (raw.backend.as_deref(), raw.url) {
+        // A URL with a password is a secret: it comes from url_env or url_file, never the TOML.
+        let url = match (raw.url, raw.url_env.as_deref(), raw.url_file.as_deref()) {
+            (Some(url), None, None) => {
+                if url
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
+                {
+                    self.error(
+                        "store.url",
+                        "a URL with credentials is a secret: give it in url_env or url_file",
+                    );
+                }
+                Some(url)
+            }
+            (None, None, None) => None,
+            (None, env, file) => self
+                .secret_text("store", "url_env", env, "url_file", file)
+                .map(|u| u.trim().to_owned()),
+            (Some(_), _, _) => {
+                self.error("store", "give one of url, url_env or url_file");
+                None
+            }
+        };
+        let backend = match (raw.backend.as_deref(), url) {
             (None | Some("memory"), None) => StoreBackend::Memory,
             (None | Some("memory"), Some(_)) => {
                 self.error("store.url", "store.url is for backend = \"redis\"");
@@ -706,15 +769,19 @@ impl Validator<'_> {
                     "redis-sentinel://",
                 ];
                 if !known.iter().any(|p| url.starts_with(p)) {
+                    // The URL itself is not repeated: it may hold a password.
                     self.error(
                         "store.url",
-                        format!("{url:?} must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"),
+                        "the URL must start with redis://, rediss://, redis-cluster:// or redis-sentinel://",
                     );
                 }
                 StoreBackend::Redis { url }
             }
             (Some("redis"), None) => {
-                self.error("store.url", "backend = \"redis\" needs a url");
+                self.error(
+                    "store.url",
+                    "backend = \"redis\" needs a url (or url_env / url_file)",
+                );
                 StoreBackend::Memory
             }
             (Some(other), _) => {
@@ -1056,14 +1123,13 @@ impl Validator<'_> {
                 "\"jwt\" needs at least one [[jwt.issuers]]",
             );
         }
-        if require.signature {
-            if signature.keys.is_empty() {
+        if require.signature
+            && signature.keys.is_empty() {
                 self.error(
                     format!("{at}.require"),
                     "\"signature\" needs at least one [[signature.keys]]",
                 );
             }
-        }
         if require.mtls && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
             self.error(
                 format!("{at}.require"),
@@ -1227,4 +1293,150 @@ fn decode_pin(text: &str) -> Option<[u8; 32]> {
         .decode(text)
         .ok()?;
     bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPSTREAM: &str = "[upstream]\nurl = \"http://127.0.0.1:8000\"\n";
+
+    fn parse(extra: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        Config::parse(&format!("{UPSTREAM}{extra}"), Path::new("."), &lookup)
+    }
+
+    fn errors(extra: &str, env: &[(&str, &str)]) -> Vec<String> {
+        match parse(extra, env) {
+            Ok(_) => panic!("accepted:\n{extra}"),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        assert_eq!(c.store.on_error, OnStoreError::Deny);
+        assert_eq!(c.server.max_body_bytes, 1 << 20);
+        assert_eq!(c.admin.listen.ip().to_string(), "127.0.0.1");
+        assert_eq!(c.warnings.len(), 1, "no routes is worth a warning");
+    }
+
+    #[test]
+    fn redis_urls_with_credentials_come_from_the_environment() {
+        let e = errors(
+            "[store]\nbackend = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1:6379/0\"\n",
+            &[],
+        );
+        assert!(
+            e[0].starts_with("store.url: a URL with credentials is a secret"),
+            "{e:?}"
+        );
+        assert!(!e[0].contains("hunter2"));
+        let c = parse(
+            "[store]\nbackend = \"redis\"\nurl_env = \"REDIS_URL\"\n",
+            &[("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.backend,
+            StoreBackend::Redis {
+                url: "redis://:hunter2@127.0.0.1:6379/0".into()
+            }
+        );
+        let e = errors(
+            "[store]\nbackend = \"redis\"\nurl_env = \"X\"\n",
+            &[("X", "http://:pw@h")],
+        );
+        assert!(
+            e[0].starts_with("store.url: the URL must start with"),
+            "{e:?}"
+        );
+        assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn issuer_key_sources_are_checked() {
+        let e = errors(
+            "[[jwt.issuers]]\nissuer = \"i\"\nalgorithms = [\"RS256\"]\njwks_url = \"https://a/j\"\njwks_file = \"j.json\"\n",
+            &[],
+        );
+        assert!(
+            e.iter()
+                .any(|e| e == "jwt.issuers[0]: give jwks_url or jwks_file, not both"),
+            "{e:?}"
+        );
+        let e = errors(
+            "[[jwt.issuers]]\nissuer = \"i\"\nalgorithms = [\"HS256\", \"none\"]\n",
+            &[],
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("jwt.issuers[0].algorithms[1]: \"none\" is not one of")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e == "jwt.issuers[0].secrets: HS* algorithms need secrets"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn signature_keys_need_long_secrets_and_sane_windows() {
+        let e = errors(
+            "[[signature.keys]]\nid = \"k\"\nclient = \"c\"\nsecret_env = \"S\"\nnot_before = \"2026-12-01T00:00:00Z\"\nnot_after = \"2026-11-01T00:00:00Z\"\n",
+            &[("S", "short")],
+        );
+        assert!(
+            e.iter()
+                .any(|e| e == "signature.keys[0].not_after: must be later than not_before"),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("signature.keys[0]: the secret is 5 bytes")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn routes_are_checked_and_shadowing_is_warned() {
+        let e = errors("[[routes]]\nname = \"a\"\npath_prefix = \"/api/../x/\"\nrequire = [\"jwt\", \"magic\"]\n", &[]);
+        assert!(
+            e.iter().any(|e| e.starts_with("routes[0].path_prefix: ")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.starts_with("routes[0].require[1]: ")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("routes[0].require: \"jwt\" needs")),
+            "{e:?}"
+        );
+        let c = parse(
+            "[[routes]]\nname = \"all\"\npath_prefix = \"/api\"\n[[routes]]\nname = \"sub\"\npath_prefix = \"/api/v1\"\nmethods = [\"GET\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("routes[1] (\"sub\") is shadowed by routes[0]"));
+    }
+
+    #[test]
+    fn unbuilt_features_are_refused_not_ignored() {
+        let e = errors("[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nrate_limit = { requests = 1, per = \"1s\", key = \"ip\" }\n", &[]);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("not available in this build yet")),
+            "{e:?}"
+        );
+    }
 }

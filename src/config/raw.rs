@@ -67,6 +67,8 @@ pub(crate) struct RawAdmin {
 pub(crate) struct RawStore {
     pub(crate) backend: Option<String>,
     pub(crate) url: Option<String>,
+    pub(crate) url_env: Option<String>,
+    pub(crate) url_file: Option<String>,
     pub(crate) on_error: Option<String>,
     pub(crate) timeout: Option<String>,
     pub(crate) revocation_max_lag: Option<String>,

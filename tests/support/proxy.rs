@@ -141,7 +141,12 @@ impl ProxyProcess {
         let (addr, admin) = rx
             .recv_timeout(std::time::Duration::from_secs(20))
             .expect("the proxy process did not start");
-        ProxyProcess { addr, admin, child, _dir: dir }
+        ProxyProcess {
+            addr,
+            admin,
+            child,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
