@@ -100,10 +100,14 @@ struct Signed {
     header: String,
 }
 
+/// A signing key as a client holds it: id, secret, algorithm.
+type ClientKey<'a> = (&'a str, &'a str, SignatureAlgorithm);
+
+const KEY_CURRENT: ClientKey<'static> =
+    ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256);
+
 fn signed_with(
-    key_id: &str,
-    secret: &str,
-    algorithm: SignatureAlgorithm,
+    (key_id, secret, algorithm): ClientKey<'_>,
     method: &str,
     target: &str,
     host: &str,
@@ -333,7 +337,7 @@ async fn both_keys_of_a_rotating_client_pass_and_an_expired_key_does_not() {
             SignatureAlgorithm::HmacSha512,
         ),
     ] {
-        let s = signed_with(id, secret, alg, "GET", "/signed/r", &host, b"", now());
+        let s = signed_with((id, secret, alg), "GET", "/signed/r", &host, b"", now());
         let response = send_signed(proxy.addr, &s, "").await;
         assert_eq!(response.status, 200, "{id}: {}", response.body);
         assert_eq!(upstream.last().header("x-auth-key-id"), Some(id));

@@ -1123,13 +1123,12 @@ impl Validator<'_> {
                 "\"jwt\" needs at least one [[jwt.issuers]]",
             );
         }
-        if require.signature
-            && signature.keys.is_empty() {
-                self.error(
-                    format!("{at}.require"),
-                    "\"signature\" needs at least one [[signature.keys]]",
-                );
-            }
+        if require.signature && signature.keys.is_empty() {
+            self.error(
+                format!("{at}.require"),
+                "\"signature\" needs at least one [[signature.keys]]",
+            );
+        }
         if require.mtls && tls.and_then(|t| t.client_ca.as_ref()).is_none() {
             self.error(
                 format!("{at}.require"),
