@@ -137,9 +137,7 @@ fn signed_with(
 
 fn signed(method: &str, target: &str, host: &str, body: &[u8]) -> Signed {
     signed_with(
-        "client-42-2026-12",
-        CURRENT,
-        SignatureAlgorithm::HmacSha256,
+        ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
         method,
         target,
         host,
@@ -243,9 +241,7 @@ async fn every_signature_failure_has_its_code() {
     assert_refused(&response, 401, "signature_malformed");
 
     let unknown = signed_with(
-        "client-99",
-        CURRENT,
-        SignatureAlgorithm::HmacSha256,
+        ("client-99", CURRENT, SignatureAlgorithm::HmacSha256),
         "GET",
         "/signed/x",
         &host,
@@ -260,9 +256,7 @@ async fn every_signature_failure_has_its_code() {
 
     for ts in [now() - 301, now() + 301] {
         let s = signed_with(
-            "client-42-2026-12",
-            CURRENT,
-            SignatureAlgorithm::HmacSha256,
+            ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
             "GET",
             "/signed/x",
             &host,
@@ -343,9 +337,7 @@ async fn both_keys_of_a_rotating_client_pass_and_an_expired_key_does_not() {
         assert_eq!(upstream.last().header("x-auth-key-id"), Some(id));
     }
     let s = signed_with(
-        "client-42-2026-10",
-        EXPIRED,
-        SignatureAlgorithm::HmacSha256,
+        ("client-42-2026-10", EXPIRED, SignatureAlgorithm::HmacSha256),
         "GET",
         "/signed/r",
         &host,
