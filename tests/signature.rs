@@ -103,8 +103,7 @@ struct Signed {
 /// A signing key as a client holds it: id, secret, algorithm.
 type ClientKey<'a> = (&'a str, &'a str, SignatureAlgorithm);
 
-const KEY_CURRENT: ClientKey<'static> =
-    ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256);
+const KEY_CURRENT: ClientKey<'static> = KEY_CURRENT;
 
 fn signed_with(
     (key_id, secret, algorithm): ClientKey<'_>,
@@ -136,14 +135,7 @@ fn signed_with(
 }
 
 fn signed(method: &str, target: &str, host: &str, body: &[u8]) -> Signed {
-    signed_with(
-        ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
-        method,
-        target,
-        host,
-        body,
-        now(),
-    )
+    signed_with(KEY_CURRENT, method, target, host, body, now())
 }
 
 /// Sends `s` byte for byte (the target exactly as signed), with `Authorization: <header>` and
@@ -255,14 +247,7 @@ async fn every_signature_failure_has_its_code() {
     );
 
     for ts in [now() - 301, now() + 301] {
-        let s = signed_with(
-            ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
-            "GET",
-            "/signed/x",
-            &host,
-            b"",
-            ts,
-        );
+        let s = signed_with(KEY_CURRENT, "GET", "/signed/x", &host, b"", ts);
         assert_refused(
             &send_signed(proxy.addr, &s, "").await,
             401,
@@ -324,7 +309,7 @@ async fn both_keys_of_a_rotating_client_pass_and_an_expired_key_does_not() {
     let proxy = TestProxy::start(&config(&upstream, ""), dir.path(), &env()).await;
     let host = proxy.addr.to_string();
     for (id, secret, alg) in [
-        ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256),
+        KEY_CURRENT,
         (
             "client-42-2026-11",
             PREVIOUS,
