@@ -103,7 +103,8 @@ struct Signed {
 /// A signing key as a client holds it: id, secret, algorithm.
 type ClientKey<'a> = (&'a str, &'a str, SignatureAlgorithm);
 
-const KEY_CURRENT: ClientKey<'static> = KEY_CURRENT;
+const KEY_CURRENT: ClientKey<'static> =
+    ("client-42-2026-12", CURRENT, SignatureAlgorithm::HmacSha256);
 
 fn signed_with(
     (key_id, secret, algorithm): ClientKey<'_>,
