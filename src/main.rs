@@ -215,7 +215,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<String> {
         return Ok(header);
     }
     let mut cmd = format!(
-        "curl -X {} {} -H {}",
+        "curl -sS -X {} {} -H {}",
         shell_quote(&method),
         shell_quote(&args.url),
         shell_quote(&header)

@@ -553,7 +553,7 @@ async fn a_request_signed_by_portcullis_sign_passes() {
         .output()
         .unwrap();
     let cmd = String::from_utf8(out.stdout).unwrap();
-    assert!(cmd.starts_with("curl -X 'POST' "), "{cmd}");
+    assert!(cmd.starts_with("curl -sS -X 'POST' "), "{cmd}");
     if std::process::Command::new("curl")
         .arg("--version")
         .output()
