@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::http::get;
-use support::proxy::config_text;
+use support::proxy::{config_text, ProxyProcess};
 use support::upstream::Upstream;
 
 fn portcullis() -> Command {
@@ -183,4 +183,61 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
     assert_eq!(status.code(), Some(0));
     let logs: Vec<String> = rx.try_iter().collect();
     assert!(logs.iter().any(|l| l.contains("draining")), "{logs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejection_log_lines_name_the_request_but_never_the_credential() {
+    let upstream = Upstream::start().await;
+    let text = config_text(
+        upstream.addr,
+        r#"
+[[jwt.issuers]]
+issuer = "https://internal.test"
+algorithms = ["HS256"]
+secrets = [{ kid = "k", env = "HS" }]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+require = ["jwt"]
+"#,
+    );
+    let proxy = ProxyProcess::spawn(&text, &[("HS", "an-hs256-secret-of-at-least-32-bytes!!")]);
+    let token = "eyJhbGciOiJIUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ1In0.c2VjcmV0LXNpZ25hdHVyZS1ieXRlcw";
+    let response = get(
+        &proxy.url("/api/x"),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("x-request-id", "req-log-1"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status, 401);
+    // The line is written before the response; give the reader thread a moment.
+    let mut line = None;
+    for _ in 0..50 {
+        line = proxy
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("req-log-1"))
+            .cloned();
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = line.expect("no log line for the rejection");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["request_id"], "req-log-1");
+    assert_eq!(v["fields"]["route"], "api");
+    assert_eq!(v["fields"]["code"], response.code());
+    let all = proxy.logs.lock().unwrap().join("\n");
+    for part in token.split('.') {
+        assert!(
+            !all.contains(part),
+            "the log holds part of the token: {part}"
+        );
+    }
 }

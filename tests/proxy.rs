@@ -358,3 +358,34 @@ async fn admin_listener_serves_health_and_metrics() {
         .contains("portcullis_request_duration_seconds_bucket"));
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /public HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the connection stayed open past the header-read timeout"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(900),
+        "cut off too early: {elapsed:?}"
+    );
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await;
+}

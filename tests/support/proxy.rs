@@ -101,6 +101,8 @@ impl TestProxy {
 pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line the process logged so far (JSON, one object a line).
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
@@ -124,9 +126,12 @@ impl ProxyProcess {
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log_sink = logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log_sink.lock().unwrap().push(line.clone());
                 if !sent {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         let f = &v["fields"];
@@ -144,6 +149,7 @@ impl ProxyProcess {
         ProxyProcess {
             addr,
             admin,
+            logs,
             child,
             _dir: dir,
         }
