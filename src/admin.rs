@@ -14,13 +14,18 @@ use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::problem::full_body;
 use crate::proxy::Body;
+use crate::server::tls::TlsState;
 use crate::store::NonceStore;
+
+/// `/readyz` warns (and stays ready) when the serving certificate expires within 7 days.
+const CERTIFICATE_WARNING_SECONDS: i64 = 7 * 86_400;
 
 /// The admin endpoints.
 #[derive(Debug)]
 pub struct Admin {
     keys: Arc<KeyStore>,
     store: Arc<dyn NonceStore>,
+    tls: Option<Arc<TlsState>>,
     /// Whether any route needs the store (only then does a down store make the proxy unready).
     store_needed: bool,
     metrics: Arc<Metrics>,
@@ -31,12 +36,14 @@ impl Admin {
     pub fn new(
         keys: Arc<KeyStore>,
         store: Arc<dyn NonceStore>,
+        tls: Option<Arc<TlsState>>,
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             keys,
             store,
+            tls,
             store_needed: config.routes.iter().any(|r| r.require.signature),
             metrics,
         }
@@ -55,6 +62,7 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => self.readyz().await,
             "/metrics" => {
+                self.metrics.refresh_certificate_expiry();
                 for status in self.keys.status() {
                     if let Some(age) = status.age {
                         self.metrics.set_keys_age(&status.issuer, age);
@@ -97,6 +105,18 @@ impl Admin {
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not_ready" },
             "issuers": issuers,
+            "certificate": self.tls.as_ref().map(|tls| {
+                let expires_in = tls.expires_in();
+                let mut c = serde_json::json!({"expires_in_seconds": expires_in});
+                if expires_in < CERTIFICATE_WARNING_SECONDS {
+                    c["warning"] = serde_json::Value::String(if expires_in <= 0 {
+                        "the serving certificate has expired".to_owned()
+                    } else {
+                        format!("the serving certificate expires in {} days", expires_in / 86_400)
+                    });
+                }
+                c
+            }),
             "store": match &store {
                 Ok(()) => serde_json::json!({"state": "ok"}),
                 Err(e) => serde_json::json!({"state": "unavailable", "error": e.to_string()}),

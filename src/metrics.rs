@@ -50,6 +50,9 @@ pub struct Metrics {
     keys_age: Family<IssuerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     signatures: Family<ResultLabels, Counter>,
     store_errors: Family<OperationLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    certificate_not_after: Gauge,
+    certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,9 +103,22 @@ impl Metrics {
             "Store commands that failed or timed out, by operation",
             store_errors.clone(),
         );
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads by result (ok, or error: the old set kept serving)",
+            tls_reloads.clone(),
+        );
+        // Registered by `register_certificate_metrics` when TLS is on: a plain-HTTP proxy has
+        // no certificate, and a 0 would read as "expired".
+        let certificate_not_after = Gauge::default();
+        let certificate_expiry = Gauge::default();
         Self {
             signatures,
             store_errors,
+            tls_reloads,
+            certificate_not_after,
+            certificate_expiry,
             registry: Mutex::new(registry),
             requests,
             duration,
@@ -150,6 +166,49 @@ impl Metrics {
                 operation: operation.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts one certificate reload.
+    pub fn tls_reload(&self, result: &str) {
+        self.tls_reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Registers the serving-certificate gauges (TLS is on).
+    pub fn register_certificate_metrics(&self) {
+        let mut registry = match self.registry.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        registry.register(
+            "certificate_not_after_seconds",
+            "notAfter of the serving certificate, Unix seconds",
+            self.certificate_not_after.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the serving certificate expires",
+            self.certificate_expiry.clone(),
+        );
+    }
+
+    /// Records the serving certificate's notAfter (Unix seconds).
+    pub fn set_certificate_expiry(&self, not_after: i64) {
+        self.certificate_not_after.set(not_after);
+    }
+
+    /// Refreshes the seconds-to-expiry gauge (called at scrape time).
+    pub fn refresh_certificate_expiry(&self) {
+        let not_after = self.certificate_not_after.get();
+        if not_after != 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            self.certificate_expiry.set(not_after - now);
+        }
     }
 
     /// Sets the age of an issuer's keys (called at scrape time).

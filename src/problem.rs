@@ -76,6 +76,9 @@ impl Rejection {
                 AuthError::SignatureMismatch(_) => "signature_mismatch",
                 AuthError::NonceReplayed => "nonce_replayed",
                 AuthError::StoreUnavailable(_) => "store_unavailable",
+                AuthError::ClientCertificateRequired(_) => "client_certificate_required",
+                AuthError::ClientCertificateRejected(_) => "client_certificate_rejected",
+                AuthError::CertificateBindingMismatch(_) => "certificate_binding_mismatch",
             },
         }
     }
@@ -102,6 +105,9 @@ impl Rejection {
                 | AuthError::TimestampOutOfWindow(_)
                 | AuthError::SignatureMismatch(_)
                 | AuthError::NonceReplayed
+                | AuthError::ClientCertificateRequired(_)
+                | AuthError::ClientCertificateRejected(_)
+                | AuthError::CertificateBindingMismatch(_)
                 | AuthError::MissingCredentials
                 | AuthError::MalformedToken(_)
                 | AuthError::TokenExpired(_)
@@ -127,6 +133,13 @@ impl Rejection {
                 quoted_string(&e.to_string())
             )),
             AuthError::KeysUnavailable(_) | AuthError::StoreUnavailable(_) => None,
+            AuthError::ClientCertificateRequired(_) | AuthError::ClientCertificateRejected(_) => {
+                Some("ClientCertificate realm=\"portcullis\"".to_owned())
+            }
+            AuthError::CertificateBindingMismatch(_) => Some(format!(
+                "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+                quoted_string(&e.to_string())
+            )),
             AuthError::SignatureMissing(_)
             | AuthError::SignatureMalformed(_)
             | AuthError::UnknownSigningKey(_)

@@ -49,6 +49,9 @@ pub struct VerifiedToken {
     pub issued_at: Option<i64>,
     /// `jti`, when present and a string (for revocation).
     pub token_id: Option<String>,
+    /// `cnf.x5t#S256` (RFC 8705): the token is bound to the client certificate with this
+    /// thumbprint (base64url of the DER's SHA-256).
+    pub cnf_x5t_s256: Option<String>,
 }
 
 /// Verifies bearer tokens against the configured issuers.
@@ -245,6 +248,7 @@ impl JwtVerifier {
             not_before: claims.nbf,
             issued_at: claims.iat,
             token_id: claims.jti,
+            cnf_x5t_s256: claims.cnf_x5t_s256,
         })
     }
 
@@ -424,6 +428,7 @@ struct Claims {
     aud: Option<Vec<String>>,
     jti: Option<String>,
     permissions: Vec<String>,
+    cnf_x5t_s256: Option<String>,
 }
 
 impl Claims {
@@ -456,7 +461,22 @@ impl Claims {
                 )))
             }
         };
+        // A confirmation the proxy cannot check must not be ignored: `cnf` with members other
+        // than x5t#S256 (a jkt, a jwk) is refused rather than passed as an unbound token.
+        let cnf_x5t_s256 = match p.get("cnf") {
+            None => None,
+            Some(Value::Object(cnf)) => match cnf.get("x5t#S256") {
+                Some(Value::String(t)) if cnf.len() == 1 => Some(t.clone()),
+                _ => {
+                    return Err(malformed(
+                        "the cnf claim holds a confirmation other than x5t#S256",
+                    ))
+                }
+            },
+            Some(_) => return Err(malformed("the cnf claim is not an object")),
+        };
         Ok(Claims {
+            cnf_x5t_s256,
             sub,
             exp: time_claim(p, "exp")?,
             nbf: time_claim(p, "nbf")?,

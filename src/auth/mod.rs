@@ -3,6 +3,7 @@
 //! pure where they can be: they take bytes and keys and return a typed result.
 
 pub mod jwt;
+pub mod mtls;
 pub mod signature;
 
 use std::sync::Arc;
@@ -76,6 +77,16 @@ pub enum AuthError {
     /// The nonce store did not answer (fail closed).
     #[error("{0}")]
     StoreUnavailable(String),
+    /// An `mtls` route, and the connection carries no verified client certificate.
+    #[error("{0}")]
+    ClientCertificateRequired(String),
+    /// The verified client certificate is outside the route's `client_certs` allow-list.
+    #[error("{0}")]
+    ClientCertificateRejected(String),
+    /// The token is bound to a certificate (RFC 8705 `cnf.x5t#S256`) other than the
+    /// connection's client certificate, or the connection has none.
+    #[error("{0}")]
+    CertificateBindingMismatch(String),
 }
 
 /// Who the request was verified to come from. Only fields whose check ran are set.

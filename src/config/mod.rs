@@ -635,11 +635,6 @@ impl Validator<'_> {
                 TlsVersion::Tls12
             }
         };
-        // Fail loudly rather than serve plain HTTP where TLS was asked for.
-        self.error(
-            "server.tls",
-            "TLS termination is not available in this build yet; remove [server.tls] and terminate TLS in front of portcullis",
-        );
         TlsConfig {
             cert,
             key,

@@ -30,7 +30,8 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+pub(crate) const X_FORWARDED_CLIENT_CERT: HeaderName =
+    HeaderName::from_static("x-forwarded-client-cert");
 
 /// Removes hop-by-hop headers and every header named in `Connection` (except `Host`, which is
 /// end-to-end by definition and needed by the checks).
@@ -58,7 +59,7 @@ pub(crate) fn remove_spoofable(headers: &mut HeaderMap) {
         .keys()
         .filter(|name| {
             let n = name.as_str();
-            n.starts_with("x-auth-") || n == X_FORWARDED_CLIENT_CERT
+            n.starts_with("x-auth-") || *name == X_FORWARDED_CLIENT_CERT
         })
         .cloned()
         .collect();

@@ -18,8 +18,9 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
+use crate::auth::mtls::{self, ClientCert};
 use crate::auth::signature::{SignatureVerifier, SignedRequest, VerifiedSignature};
-use crate::auth::{self, AuthError, Identity, JwtVerifier};
+use crate::auth::{self, AuthError, Identity, JwtVerifier, VerifiedToken};
 use crate::config::{Config, OnStoreError, Route, RouteMatch};
 use crate::metrics::Metrics;
 use crate::problem::Rejection;
@@ -32,12 +33,14 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the proxy knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The client certificate rustls verified in the handshake, read once per connection.
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// The request pipeline, shared by every connection.
@@ -80,7 +83,11 @@ impl Proxy {
     }
 
     /// Handles one request end to end; never fails (a failure is a problem response).
-    pub async fn handle(&self, request: Request<Incoming>, conn: ConnectionInfo) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        conn: &ConnectionInfo,
+    ) -> Response<Body> {
         let started = Instant::now();
         let request_id = headers::request_id(request.headers());
         let mut outcome = Outcome::default();
@@ -116,7 +123,7 @@ impl Proxy {
     async fn process<'a>(
         &'a self,
         request: Request<Incoming>,
-        conn: ConnectionInfo,
+        conn: &ConnectionInfo,
         request_id: &str,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, Rejection> {
@@ -156,7 +163,7 @@ impl Proxy {
         };
 
         let identity = self
-            .check(route, &parts, body_sha256.as_deref(), request_id)
+            .check(route, &parts, body_sha256.as_deref(), request_id, conn)
             .await;
         let identity = identity?;
         outcome.subject = identity.token.as_ref().and_then(|t| t.subject.clone());
@@ -188,6 +195,14 @@ impl Proxy {
             headers::set(&mut parts.headers, headers::X_FORWARDED_HOST, host);
         }
         add_identity(&mut parts.headers, &identity)?;
+        if let Some(cert) = &conn.client_cert {
+            // Built from a verified certificate with control characters removed.
+            headers::set(
+                &mut parts.headers,
+                headers::X_FORWARDED_CLIENT_CERT,
+                &cert.xfcc,
+            );
+        }
         headers::set(&mut parts.headers, headers::X_REQUEST_ID, request_id);
         let peer_ip = conn.peer.ip().to_string();
         let forwarded_for = match parts
@@ -228,9 +243,13 @@ impl Proxy {
         parts: &http::request::Parts,
         body_sha256: Option<&str>,
         request_id: &str,
+        conn: &ConnectionInfo,
     ) -> Result<Identity, Rejection> {
         let headers = &parts.headers;
         let mut identity = Identity::default();
+        if route.require.mtls {
+            mtls::check(conn.client_cert.as_deref(), route.client_certs.as_ref())?;
+        }
         if route.require.signature {
             let outcome = self
                 .check_signature(parts, body_sha256.unwrap_or_default(), request_id)
@@ -244,6 +263,7 @@ impl Proxy {
         if route.require.jwt {
             let token = bearer_token(headers)?;
             let verified = self.jwt.verify(token, unix_now()).await?;
+            check_certificate_binding(&verified, conn.client_cert.as_deref())?;
             identity.token = Some(verified);
         }
         Ok(identity)
@@ -307,6 +327,26 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// RFC 8705: a token bound to a certificate (`cnf.x5t#S256`) is only good on a connection
+/// presenting that certificate.
+fn check_certificate_binding(
+    token: &VerifiedToken,
+    cert: Option<&ClientCert>,
+) -> Result<(), AuthError> {
+    let Some(bound) = &token.cnf_x5t_s256 else {
+        return Ok(());
+    };
+    match cert {
+        Some(cert) if cert.x5t_s256() == *bound => Ok(()),
+        Some(_) => Err(AuthError::CertificateBindingMismatch(
+            "the token is bound to another client certificate".into(),
+        )),
+        None => Err(AuthError::CertificateBindingMismatch(
+            "the token is bound to a client certificate and the connection presented none".into(),
+        )),
     }
 }
 

@@ -3,6 +3,8 @@
 //! `server.drain_timeout`). [`Server::bind`] then [`Server::serve`] is what tests use; [`run`]
 //! does both.
 
+pub mod tls;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,12 +18,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
+use crate::auth::mtls::ClientCert;
 use crate::auth::JwtVerifier;
 use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::store::{self, StoreError};
+use tls::{TlsError, TlsState};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,9 @@ pub enum RunError {
         /// The operating system's reason.
         source: std::io::Error,
     },
+    /// The TLS certificate set cannot be loaded.
+    #[error("cannot load the TLS certificates: {0}")]
+    Tls(#[from] TlsError),
     /// The store named in `[store]` cannot be used (a bad URL; a store that is merely down
     /// does not stop the start).
     #[error("cannot use the store: {0}")]
@@ -43,6 +50,7 @@ pub enum RunError {
 /// A proxy whose listeners are bound and whose keys are loaded, ready to serve.
 #[derive(Debug)]
 pub struct Server {
+    tls: Option<Arc<TlsState>>,
     listener: TcpListener,
     admin_listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -61,6 +69,11 @@ impl Server {
         let listener = bind(config.server.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let metrics = Arc::new(Metrics::new());
+        tls::install_default_provider();
+        let tls = match &config.server.tls {
+            Some(settings) => Some(TlsState::load(settings, metrics.clone())?),
+            None => None,
+        };
         let nonces = store::connect(&config.store).await?;
         let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
         let jwt = JwtVerifier::new(&config.jwt, keys.clone());
@@ -70,8 +83,15 @@ impl Server {
             nonces.clone(),
             metrics.clone(),
         ));
-        let admin = Arc::new(Admin::new(keys.clone(), nonces, &config, metrics));
+        let admin = Arc::new(Admin::new(
+            keys.clone(),
+            nonces,
+            tls.clone(),
+            &config,
+            metrics,
+        ));
         Ok(Server {
+            tls,
             listener,
             admin_listener,
             proxy,
@@ -110,6 +130,7 @@ impl Server {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
+        let _reloader = self.tls.as_ref().map(|t| AbortOnDrop(t.spawn_reloader()));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         tracing::info!(
@@ -132,16 +153,38 @@ impl Server {
                     };
                     let _ = stream.set_nodelay(true);
                     let proxy = self.proxy.clone();
-                    let conn_info = ConnectionInfo { peer, tls: false };
-                    let service = service_fn(move |request| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(request, conn_info).await) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let acceptor = self.tls.as_ref().map(|t| t.acceptor());
+                    let handshake_timeout = self.header_read_timeout;
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                        match acceptor {
+                            None => {
+                                let conn_info = ConnectionInfo { peer, tls: false, client_cert: None };
+                                serve(&builder, watcher, TokioIo::new(stream), proxy, conn_info).await;
+                            }
+                            Some(acceptor) => {
+                                let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(s)) => s,
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(peer = %peer, error = %e, "TLS handshake refused");
+                                        return;
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!(peer = %peer, "TLS handshake timed out");
+                                        return;
+                                    }
+                                };
+                                let client_cert = tls_stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .and_then(|der| ClientCert::from_der(der))
+                                    .map(Arc::new);
+                                let conn_info = ConnectionInfo { peer, tls: true, client_cert };
+                                serve(&builder, watcher, TokioIo::new(tls_stream), proxy, conn_info).await;
+                            }
                         }
                     });
                 }
@@ -176,6 +219,37 @@ impl Server {
             tracing::warn!("drain timeout reached; closing the remaining connections");
         }
         Ok(())
+    }
+}
+
+/// Aborts the task when dropped (the certificate reloader ends with the server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves one connection (plain or TLS) until it ends or the drain closes it.
+async fn serve<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    proxy: Arc<Proxy>,
+    conn_info: ConnectionInfo,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = conn_info.peer;
+    let service = service_fn(move |request| {
+        let proxy = proxy.clone();
+        let conn_info = conn_info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(request, &conn_info).await) }
+    });
+    let conn = builder.serve_connection(io, service).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
     }
 }
 

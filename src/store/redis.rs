@@ -89,6 +89,8 @@ impl RedisNonceStore {
     /// roots), `redis-cluster://h1:p1,h2:p2` (or fred's `?node=h2:p2` form) and
     /// `redis-sentinel://h1:p1,h2:p2/db?sentinelServiceName=name`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        // fred builds its rustls context from the process default provider.
+        crate::server::tls::install_default_provider();
         let target = redacted(url);
         // fred reads any unknown scheme as plain redis://; the config layer only lets these
         // through, and a StoreConfig built by hand gets the same answer.
