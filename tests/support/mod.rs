@@ -6,6 +6,7 @@
 pub mod http;
 pub mod jwks;
 pub mod keys;
+pub mod pki;
 pub mod proxy;
 pub mod redis;
 pub mod upstream;
