@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cert;
 pub mod config;
 pub mod keys;
 pub mod metrics;

@@ -46,6 +46,9 @@ enum Command {
     },
     /// Sign a request with scheme v1: print the Authorization header, or a curl command.
     Sign(SignArgs),
+    /// Certificate tooling: keygen, csr, inspect, verify, pin.
+    #[command(subcommand)]
+    Cert(portcullis::cert::CertCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +100,16 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("portcullis sign: {e:#}");
                 ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Cert(cmd) => match portcullis::cert::run(&cmd) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis cert: {e}");
+                ExitCode::FAILURE
             }
         },
         Command::Proxy { config } => {

@@ -3,6 +3,7 @@
 //! the test picked, and raw HTTP clients.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ca;
 pub mod http;
 pub mod jwks;
 pub mod keys;

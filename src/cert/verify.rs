@@ -1,0 +1,232 @@
+//! `cert verify`: checks a certificate the way the proxy's TLS stack does — rustls-webpki path
+//! building from the leaf through the given intermediates to a trust anchor, validity at the
+//! given time, extended key usage, and optionally a host name — and names the reason when the
+//! check fails, so that "why does the handshake fail" has an answer before deployment.
+//!
+//! [`verify_chain`] is pure: it takes DER bytes and a time, and does no I/O.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, ServerName, SignatureVerificationAlgorithm, UnixTime};
+use webpki::aws_lc_rs as algs;
+use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+use super::CertError;
+
+/// The signature algorithms accepted on a path: those of rustls's aws-lc-rs provider, and no
+/// other provider's.
+static SIGNATURE_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
+    algs::ECDSA_P256_SHA256,
+    algs::ECDSA_P256_SHA384,
+    algs::ECDSA_P384_SHA256,
+    algs::ECDSA_P384_SHA384,
+    algs::ECDSA_P521_SHA256,
+    algs::ECDSA_P521_SHA384,
+    algs::ECDSA_P521_SHA512,
+    algs::ED25519,
+    algs::RSA_PKCS1_2048_8192_SHA256,
+    algs::RSA_PKCS1_2048_8192_SHA384,
+    algs::RSA_PKCS1_2048_8192_SHA512,
+    algs::RSA_PKCS1_3072_8192_SHA384,
+    algs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    algs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    algs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
+
+/// What the certificate must be good for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A TLS server (EKU serverAuth, if the certificate has an EKU extension).
+    ServerAuth,
+    /// A TLS client, as the proxy checks for mTLS (EKU clientAuth, if present).
+    ClientAuth,
+}
+
+impl Usage {
+    fn purpose(self) -> &'static str {
+        match self {
+            Usage::ServerAuth => "server authentication",
+            Usage::ClientAuth => "client authentication",
+        }
+    }
+}
+
+/// One verification to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The leaf certificate, DER.
+    pub leaf: &'a [u8],
+    /// Candidate intermediates, DER, in any order.
+    pub intermediates: &'a [Vec<u8>],
+    /// The trusted roots, DER.
+    pub roots: &'a [Vec<u8>],
+    /// Where the roots came from, named when none is usable.
+    pub roots_path: &'a Path,
+    /// A DNS name or IP address the leaf must be valid for.
+    pub host: Option<&'a str>,
+    /// The purpose to check.
+    pub usage: Usage,
+}
+
+/// A successful verification; `--json` prints it as is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verified {
+    /// Always true: a failure is an error, never a `Verified`.
+    pub valid: bool,
+    /// The subjects on the verified path, leaf first, trust anchor last.
+    pub path: Vec<String>,
+    /// The earliest notAfter on the path (RFC 3339): when this path stops verifying.
+    pub valid_until: String,
+    /// The host checked, if any.
+    pub host: Option<String>,
+    /// "server authentication" or "client authentication".
+    pub usage: &'static str,
+}
+
+impl Verified {
+    /// The human-readable form.
+    pub fn to_text(&self) -> String {
+        let mut text = format!("OK: verified for {}\npath:\n", self.usage);
+        for (depth, subject) in self.path.iter().enumerate() {
+            text.push_str(&format!("  {depth}: {subject}\n"));
+        }
+        if let Some(host) = &self.host {
+            text.push_str(&format!("host: {host} matches\n"));
+        }
+        text.push_str(&format!("valid until: {}", self.valid_until));
+        text
+    }
+}
+
+/// Verifies `request.leaf` to one of `request.roots` as of `now`.
+pub fn verify_chain(
+    request: &Request<'_>,
+    now: time::OffsetDateTime,
+) -> Result<Verified, CertError> {
+    let leaf_der = CertificateDer::from(request.leaf);
+    let leaf = webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| CertError::Rejected(format!("the leaf certificate is malformed: {e}")))?;
+    let root_ders: Vec<CertificateDer<'_>> = request
+        .roots
+        .iter()
+        .map(|der| CertificateDer::from(der.as_slice()))
+        .collect();
+    // A roots file may hold a certificate webpki cannot use as an anchor (v1, malformed); the
+    // others still count, and only an empty result is an error.
+    let anchors: Vec<_> = root_ders
+        .iter()
+        .filter_map(|der| webpki::anchor_from_trusted_cert(der).ok())
+        .collect();
+    if anchors.is_empty() {
+        return Err(CertError::NoTrustAnchors {
+            path: request.roots_path.to_owned(),
+        });
+    }
+    let intermediates: Vec<CertificateDer<'_>> = request
+        .intermediates
+        .iter()
+        .filter(|der| der.as_slice() != request.leaf)
+        .map(|der| CertificateDer::from(der.as_slice()))
+        .collect();
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(now.unix_timestamp()).unwrap_or(0),
+    ));
+    let eku = match request.usage {
+        Usage::ServerAuth => webpki::KeyUsage::server_auth(),
+        Usage::ClientAuth => webpki::KeyUsage::client_auth(),
+    };
+    let path = leaf
+        .verify_for_usage(
+            SIGNATURE_ALGORITHMS,
+            &anchors,
+            &intermediates,
+            at,
+            eku,
+            None,
+            None,
+        )
+        .map_err(|e| explain(e, request))?;
+
+    let mut subjects = Vec::new();
+    let mut not_afters = Vec::new();
+    let mut last_issuer = String::new();
+    let on_path = std::iter::once(leaf_der.clone())
+        .chain(path.intermediate_certificates().map(|cert| cert.der()));
+    for der in on_path {
+        if let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) {
+            subjects.push(cert.subject().to_string());
+            not_afters.push(cert.validity().not_after.to_datetime());
+            last_issuer = cert.issuer().to_string();
+        }
+    }
+    // The anchor is the root whose subject is the last certificate's issuer; its own validity
+    // counts too, as webpki does not check it but most other verifiers do.
+    let root = request.roots.iter().find_map(|der| {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        (cert.subject().to_string() == last_issuer).then(|| cert.validity().not_after.to_datetime())
+    });
+    subjects.push(last_issuer);
+    not_afters.extend(root);
+
+    if let Some(host) = request.host {
+        let name =
+            ServerName::try_from(host).map_err(|_| CertError::InvalidHost(host.to_owned()))?;
+        leaf.verify_is_valid_for_subject_name(&name)
+            .map_err(|e| explain(e, request))?;
+    }
+    Ok(Verified {
+        valid: true,
+        path: subjects,
+        valid_until: not_afters
+            .into_iter()
+            .min()
+            .map(super::rfc3339)
+            .unwrap_or_default(),
+        host: request.host.map(str::to_owned),
+        usage: request.usage.purpose(),
+    })
+}
+
+/// Turns webpki's error into the reason the user reads.
+fn explain(error: webpki::Error, request: &Request<'_>) -> CertError {
+    match error {
+        webpki::Error::UnknownIssuer => CertError::UnknownIssuer,
+        webpki::Error::CertExpired { time, not_after } => CertError::Expired {
+            not_after: unix_to_rfc3339(not_after),
+            now: unix_to_rfc3339(time),
+        },
+        webpki::Error::CertNotValidYet { time, not_before } => CertError::NotYetValid {
+            not_before: unix_to_rfc3339(not_before),
+            now: unix_to_rfc3339(time),
+        },
+        webpki::Error::CertNotValidForName(context) => CertError::HostMismatch {
+            host: request.host.unwrap_or_default().to_owned(),
+            names: if context.presented.is_empty() {
+                "none".to_owned()
+            } else {
+                context.presented.join(", ")
+            },
+        },
+        webpki::Error::RequiredEkuNotFoundContext(_) => CertError::WrongUsage {
+            purpose: request.usage.purpose(),
+        },
+        webpki::Error::InvalidSignatureForPublicKey => CertError::Rejected(
+            "bad signature: a certificate with the issuer's name did not sign this one".to_owned(),
+        ),
+        webpki::Error::CaUsedAsEndEntity => {
+            CertError::Rejected("the leaf is a CA certificate, not an end entity".to_owned())
+        }
+        other => CertError::Rejected(other.to_string()),
+    }
+}
+
+fn unix_to_rfc3339(at: UnixTime) -> String {
+    i64::try_from(at.as_secs())
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .map_or_else(
+            || format!("{} (Unix seconds)", at.as_secs()),
+            super::rfc3339,
+        )
+}
