@@ -82,19 +82,33 @@ impl Ca {
     }
 
     /// A leaf with `cn`, DNS and URI SANs (an entry parsing as an IP address becomes an IP SAN).
-    pub fn issue(&self, cn: &str, dns: &[&str], uri: &[&str], usage: Usage, expired: bool) -> Issued {
+    pub fn issue(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        uri: &[&str],
+        usage: Usage,
+        expired: bool,
+    ) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         for name in dns {
-            params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*name).try_into().unwrap()),
-            });
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName((*name).try_into().unwrap()),
+                });
         }
         for u in uri {
-            params.subject_alt_names.push(SanType::URI((*u).try_into().unwrap()));
+            params
+                .subject_alt_names
+                .push(SanType::URI((*u).try_into().unwrap()));
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = match usage {
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
             Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
@@ -110,7 +124,11 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
     }
 }
 
@@ -129,7 +147,11 @@ pub struct TlsClient {
 
 impl TlsClient {
     pub fn new(ca_pem: &str, client: Option<&Issued>) -> TlsClient {
-        Self::with_versions(ca_pem, client, &[&rustls::version::TLS13, &rustls::version::TLS12])
+        Self::with_versions(
+            ca_pem,
+            client,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )
     }
 
     pub fn with_versions(
@@ -156,15 +178,27 @@ impl TlsClient {
             }
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        TlsClient { config: Arc::new(config) }
+        TlsClient {
+            config: Arc::new(config),
+        }
     }
 
     /// One GET over a new connection (a new handshake). Errors are returned as text.
-    pub async fn get(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<TlsResponse, String> {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<TlsResponse, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
         let name = ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
         let server_cert_sha256 = tls
             .get_ref()
             .1
@@ -177,7 +211,8 @@ impl TlsClient {
                 .await
                 .map_err(|e| format!("http handshake: {e}"))?;
         tokio::spawn(conn);
-        let mut request = hyper::Request::get(path).header("host", format!("localhost:{}", addr.port()));
+        let mut request =
+            hyper::Request::get(path).header("host", format!("localhost:{}", addr.port()));
         for (n, v) in headers {
             request = request.header(*n, *v);
         }
@@ -192,6 +227,10 @@ impl TlsClient {
             .await
             .map_err(|e| format!("body: {e}"))?
             .to_bytes();
-        Ok(TlsResponse { status, body: String::from_utf8_lossy(&body).into(), server_cert_sha256 })
+        Ok(TlsResponse {
+            status,
+            body: String::from_utf8_lossy(&body).into(),
+            server_cert_sha256,
+        })
     }
 }
