@@ -585,3 +585,138 @@ async fn a_certificate_expiring_within_a_week_is_a_readyz_warning() {
     );
     proxy.stop().await;
 }
+
+async fn start_with_upstream(upstream_section: &str, dir: &Path) -> TestProxy {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{upstream_section}\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\n"
+    );
+    TestProxy::start(&text, dir, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_verified_against_their_ca_and_pins() {
+    let ca = Ca::new("upstream CA");
+    let cert = ca.issue("localhost", &["localhost"], &[], Usage::Server, false);
+    let addr = support::pki::https_upstream(&cert).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca");
+    let pin = {
+        use base64::Engine;
+        use sha2::Digest;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert.der).unwrap();
+        base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(parsed.public_key().raw))
+    };
+    let url = format!("https://localhost:{}", addr.port());
+
+    // Trusted CA, no pins.
+    let proxy = start_with_upstream(
+        &format!(
+            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\n",
+            ca_file.display()
+        ),
+        dir.path(),
+    )
+    .await;
+    let response = get(&proxy.url("/x"), &[]).await;
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "tls upstream")
+    );
+    proxy.stop().await;
+
+    // The right pin passes; a wrong one is 502.
+    let proxy = start_with_upstream(
+        &format!(
+            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\npins = [\"sha256/{pin}\"]\n",
+            ca_file.display()
+        ),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
+    proxy.stop().await;
+    let wrong = "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let proxy = start_with_upstream(
+        &format!(
+            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\npins = [\"{wrong}\"]\n",
+            ca_file.display()
+        ),
+        dir.path(),
+    )
+    .await;
+    let response = get(&proxy.url("/x"), &[]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    proxy.stop().await;
+
+    // An upstream certificate from another CA is refused.
+    let other = Ca::new("other CA");
+    let other_file = other.write(dir.path(), "other-ca");
+    let proxy = start_with_upstream(
+        &format!(
+            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\n",
+            other_file.display()
+        ),
+        dir.path(),
+    )
+    .await;
+    let response = get(&proxy.url("/x"), &[]).await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_style_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let pki = pki();
+    let dir = pki.dir.path();
+    // Kubernetes secret volume layout: tls.crt -> ..data/tls.crt, ..data -> ..<timestamp>.
+    let first = dir.join("..2026_11_24_a");
+    std::fs::create_dir(&first).unwrap();
+    pki.server.write(&first, "tls");
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    std::fs::remove_file(dir.join("tls.key")).unwrap();
+    symlink("..2026_11_24_a", dir.join("..data")).unwrap();
+    symlink("..data/tls.crt", dir.join("tls.crt")).unwrap();
+    symlink("..data/tls.key", dir.join("tls.key")).unwrap();
+
+    let upstream = Upstream::start().await;
+    let proxy = start(&upstream, &pki, "optional").await;
+    let client = TlsClient::new(&pki.ca.pem(), None);
+    let before = client.get(proxy.addr, "/public", &[]).await.unwrap();
+    assert_eq!(before.server_cert_sha256, pki.server.sha256_hex());
+
+    let renewed = pki.ca.issue(
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        &[],
+        Usage::Server,
+        false,
+    );
+    let second = dir.join("..2026_11_24_b");
+    std::fs::create_dir(&second).unwrap();
+    renewed.write(&second, "tls");
+    symlink("..2026_11_24_b", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
+        if now.server_cert_sha256 == renewed.sha256_hex() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the swapped certificate was not served within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.stop().await;
+}

@@ -651,18 +651,19 @@ impl Validator<'_> {
         };
         let url = match raw.url.parse::<Uri>() {
             Ok(uri) => {
-                let scheme_ok = matches!(uri.scheme_str(), Some("http"));
+                let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
                 let https = matches!(uri.scheme_str(), Some("https"));
                 let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-                if https {
+                if !https && (raw.ca.is_some() || !raw.pins.is_empty()) {
+                    self.error("upstream", "ca and pins are for an https:// upstream url");
+                }
+                if !scheme_ok || uri.authority().is_none() {
                     self.error(
                         "upstream.url",
-                        "https upstreams are not available in this build yet; use http://",
-                    );
-                } else if !scheme_ok || uri.authority().is_none() {
-                    self.error(
-                        "upstream.url",
-                        format!("{:?} is not an http:// URL with a host", raw.url),
+                        format!(
+                            "{:?} is not an http:// or https:// URL with a host",
+                            raw.url
+                        ),
                     );
                 } else if !path_ok {
                     self.error(

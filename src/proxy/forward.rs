@@ -15,33 +15,44 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use hyper_rustls::HttpsConnector;
+
+use super::upstream_tls;
 use crate::config::UpstreamConfig;
 use crate::problem::Rejection;
+use crate::server::tls::TlsError;
 
 /// The body sent upstream: the client's body streamed through the limit, or the body already
 /// read (and hashed) for a signature check.
 pub(crate) type UpstreamBody = http_body_util::Either<LimitedBody, http_body_util::Full<Bytes>>;
 
-/// The pooled client to the upstream service.
+/// The pooled client to the upstream service (plain HTTP, or TLS for an https URL).
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     request_timeout: Duration,
 }
 
 impl Upstream {
-    pub(crate) fn new(config: &UpstreamConfig) -> Self {
+    pub(crate) fn new(config: &UpstreamConfig) -> Result<Self, TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let tls = upstream_tls::client_config(config)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Self {
+        Ok(Self {
             client,
             request_timeout: config.request_timeout,
-        }
+        })
     }
 
     /// Sends the request and waits for the response head, up to `request_timeout`.

@@ -5,6 +5,7 @@
 mod forward;
 pub(crate) mod headers;
 pub mod path;
+mod upstream_tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -24,6 +25,7 @@ use crate::auth::{self, AuthError, Identity, JwtVerifier, VerifiedToken};
 use crate::config::{Config, OnStoreError, Route, RouteMatch};
 use crate::metrics::Metrics;
 use crate::problem::Rejection;
+use crate::server::tls::TlsError;
 use crate::store::{NonceOutcome, NonceStore};
 use forward::{LimitedBody, Upstream};
 
@@ -62,7 +64,7 @@ impl Proxy {
         jwt: JwtVerifier,
         nonces: Arc<dyn NonceStore>,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, TlsError> {
         let url = &config.upstream.url;
         let upstream_base = (
             url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
@@ -71,15 +73,15 @@ impl Proxy {
                 // Config validation refuses an upstream URL without a host.
                 .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
         );
-        Self {
-            upstream: Upstream::new(&config.upstream),
+        Ok(Self {
+            upstream: Upstream::new(&config.upstream)?,
             signatures: SignatureVerifier::new(&config.signature),
             nonces,
             config,
             jwt,
             upstream_base,
             metrics,
-        }
+        })
     }
 
     /// Handles one request end to end; never fails (a failure is a problem response).

@@ -82,7 +82,7 @@ impl Server {
             jwt,
             nonces.clone(),
             metrics.clone(),
-        ));
+        )?);
         let admin = Arc::new(Admin::new(
             keys.clone(),
             nonces,
