@@ -853,7 +853,7 @@ impl Validator<'_> {
         }
         let mut algorithms = Vec::new();
         for (j, name) in raw.algorithms.iter().enumerate() {
-            match parse_algorithm(name) {
+            match crate::keys::parse_algorithm(name) {
                 Some(a) if !algorithms.contains(&a) => algorithms.push(a),
                 Some(_) => {}
                 None => self.error(
@@ -1260,23 +1260,6 @@ impl Validator<'_> {
     }
 }
 
-fn parse_algorithm(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        _ => return None,
-    })
-}
 
 fn is_hmac(a: &Algorithm) -> bool {
     matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
