@@ -1,4 +1,5 @@
-//! State that must outlive one request: for now, the nonces of request signatures.
+//! State that must outlive one request: the nonces of request signatures, revoked tokens
+//! ([`revocation`]) and rate-limit buckets ([`ratelimit`]).
 //!
 //! On the request path the signature check runs parse -> key lookup -> timestamp window -> HMAC,
 //! and only for a valid signature calls [`NonceStore::record_once`] with a TTL of 2 x max_skew.
@@ -9,10 +10,15 @@
 //!
 //! Two backends sit behind the one trait: [`memory`] (moka, one replica, the default) and
 //! [`redis`] (fred; many replicas sharing one Redis, Sentinel or Cluster). Both pass the same
-//! conformance suite in `tests/store.rs`. [`connect`] picks one from the `[store]` table.
+//! conformance suite in `tests/store.rs`. [`connect`] picks one from the `[store]` table;
+//! [`connect_all`] builds all three stores, on one shared Redis connection for Redis.
 
 pub mod memory;
+pub mod ratelimit;
 pub mod redis;
+pub mod redis_ratelimit;
+pub mod redis_revocation;
+pub mod revocation;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +26,11 @@ use std::time::Duration;
 use crate::config::{StoreBackend, StoreConfig};
 
 pub use memory::MemoryNonceStore;
-pub use redis::RedisNonceStore;
+pub use ratelimit::{rate_limit_headers, MemoryRateLimiter, RateDecision, RateLimiter};
+pub use redis::{RedisConnection, RedisNonceStore};
+pub use redis_ratelimit::RedisRateLimiter;
+pub use redis_revocation::RedisRevocationStore;
+pub use revocation::{MemoryRevocationStore, Revocation, RevocationStore};
 
 /// What [`NonceStore::record_once`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,5 +103,44 @@ pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn NonceStore>, StoreE
         StoreBackend::Redis { url } => Ok(Arc::new(
             RedisNonceStore::connect(url, config.timeout).await?,
         )),
+    }
+}
+
+/// The three stores the proxy uses, built together by [`connect_all`].
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// Nonces of request signatures.
+    pub nonces: Arc<dyn NonceStore>,
+    /// Revoked tokens and subjects.
+    pub revocations: Arc<dyn RevocationStore>,
+    /// Rate-limit buckets.
+    pub rate_limits: Arc<dyn RateLimiter>,
+}
+
+/// Builds the three stores that `[store]` names.
+///
+/// For Redis the nonce store and the rate limiter share one connection pool, and the
+/// revocation store uses it too, plus the one subscriber connection its mirror needs. As with
+/// [`connect`], a Redis that is down at start is not an error (only a url that cannot be used
+/// is); this waits up to about 1.5 s for the connection and the mirror's first sync. The
+/// mirror's background task stops when the revocation store is dropped; the pool's when the
+/// last of the three is.
+pub async fn connect_all(config: &StoreConfig) -> Result<Stores, StoreError> {
+    match &config.backend {
+        StoreBackend::Memory => Ok(Stores {
+            nonces: Arc::new(MemoryNonceStore::new()),
+            revocations: Arc::new(MemoryRevocationStore::new()),
+            rate_limits: Arc::new(MemoryRateLimiter::new()),
+        }),
+        StoreBackend::Redis { url } => {
+            let connection = RedisConnection::connect(url, config.timeout).await?;
+            let revocations =
+                RedisRevocationStore::new(connection.clone(), config.revocation_max_lag).await?;
+            Ok(Stores {
+                nonces: Arc::new(RedisNonceStore::new(connection.clone())),
+                revocations: Arc::new(revocations),
+                rate_limits: Arc::new(RedisRateLimiter::new(connection)),
+            })
+        }
     }
 }

@@ -22,12 +22,13 @@
 //!   the first connection, so a Redis that is down at start or restarted later is picked up
 //!   without restarting the proxy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use fred::interfaces::EventInterface;
+use fred::interfaces::{EventInterface, LuaInterface};
 use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind, Expiration, KeysInterface, Options,
-    Pool, ReconnectPolicy, SetOptions,
+    Builder, Client, ClientLike, Config, Error as FredError, ErrorKind, Expiration, FromValue,
+    KeysInterface, Options, Pool, ReconnectPolicy, SetOptions,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::ConnectHandle;
@@ -58,13 +59,26 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// notices a Redis that hangs (stopped, network partition) rather than closing the socket.
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
 
-/// Nonces in Redis, with a fred connection pool that reconnects in the background.
+/// Capacity of fred's broadcast channels (pub/sub messages, connection events).
+const BROADCAST_CAPACITY: usize = 4096;
+
+/// One started fred pool with the settings above, shared by the nonce store, the revocation
+/// store and the rate limiter built by [`super::connect_all`]. Cheap to clone.
 ///
-/// Dropping it stops the background tasks (and with them the reconnect attempts).
-pub struct RedisNonceStore {
+/// Dropping the last clone stops the background tasks that drive the pooled connections (and
+/// with them the reconnect attempts).
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Arc<Shared>,
+}
+
+/// What the clones of a [`RedisConnection`] share.
+struct Shared {
     pool: Pool,
     /// The tasks that drive each pooled connection and its reconnects.
     drivers: Vec<ConnectHandle>,
+    /// Kept to build more clients with the same settings (the revocation subscriber).
+    builder: Builder,
     /// Applied to every command; see the module doc for why these values.
     options: Options,
     timeout: Duration,
@@ -72,70 +86,40 @@ pub struct RedisNonceStore {
     target: String,
 }
 
-impl std::fmt::Debug for RedisNonceStore {
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Without this a dropped store would go on reconnecting to a Redis nobody uses.
+        for driver in &self.drivers {
+            driver.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisNonceStore")
-            .field("target", &self.target)
-            .field("timeout", &self.timeout)
+        f.debug_struct("RedisConnection")
+            .field("target", &self.inner.target)
+            .field("timeout", &self.inner.timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl RedisNonceStore {
+impl RedisConnection {
     /// Parses `url` and starts connecting. Returns an error only for a url that cannot be used;
-    /// an unreachable server gives a store that reports errors until it connects.
+    /// an unreachable server gives a connection whose commands fail until it connects.
     ///
     /// Accepted: `redis://[user:pass@]host[:port][/db]`, `rediss://...` (TLS with the system
     /// roots), `redis-cluster://h1:p1,h2:p2` (or fred's `?node=h2:p2` form) and
     /// `redis-sentinel://h1:p1,h2:p2/db?sentinelServiceName=name`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        // fred builds its rustls context from the process default provider.
-        crate::server::tls::install_default_provider();
-        let target = redacted(url);
-        // fred reads any unknown scheme as plain redis://; the config layer only lets these
-        // through, and a StoreConfig built by hand gets the same answer.
-        if !SCHEMES.iter().any(|s| url.starts_with(s)) {
-            return Err(StoreError::InvalidUrl {
-                reason: format!("{target} does not start with {}", SCHEMES.join(", ")),
-            });
-        }
-        let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
-            reason: e.details().to_owned(),
-        })?;
-        // false: a failed first connection goes through the reconnect policy instead of
-        // ending the client.
-        config.fail_fast = false;
-        let pool = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.max_command_attempts = 1;
-                c.connection_timeout = CONNECTION_TIMEOUT;
-                c.internal_command_timeout = CONNECTION_TIMEOUT;
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(UNRESPONSIVE_AFTER),
-                    interval: Duration::from_millis(500),
-                };
-                c.tcp.nodelay = Some(true);
-            })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        let (builder, target) = builder(url, timeout)?;
+        let pool = builder
             .build_pool(POOL_SIZE)
             .map_err(|e| StoreError::InvalidUrl {
                 reason: e.details().to_owned(),
             })?;
         for client in pool.clients() {
-            let target = target.clone();
-            client.on_error(move |(error, server)| {
-                let target = target.clone();
-                async move {
-                    let server = server.map(|s| s.to_string()).unwrap_or_default();
-                    tracing::warn!(%target, %server, kind = ?error.kind(), detail = error.details(), "redis connection error");
-                    Ok(())
-                }
-            });
-            client.on_reconnect(move |server| async move {
-                tracing::info!(%server, "redis connected");
-                Ok(())
-            });
+            log_connection_events(client, &target);
         }
         let drivers = pool.connect_pool();
         if tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
@@ -144,26 +128,52 @@ impl RedisNonceStore {
         {
             tracing::warn!(%target, "redis is not reachable yet; requests that need it fail until it is");
         }
-        let options = Options {
-            max_attempts: Some(1),
-            timeout: Some(timeout),
-            fail_fast: true,
-            ..Options::default()
-        };
         Ok(Self {
-            pool,
-            drivers,
-            options,
-            timeout,
-            target,
+            inner: Arc::new(Shared {
+                pool,
+                drivers,
+                builder,
+                options: command_options(timeout),
+                timeout,
+                target,
+            }),
         })
+    }
+
+    /// A pooled client that applies the per-command options (one attempt, fail fast, timeout).
+    pub(crate) fn client(&self) -> fred::clients::WithOptions<Pool> {
+        self.inner.pool.with_options(&self.inner.options)
+    }
+
+    /// A new, unconnected client with the same settings as the pool, for a connection that
+    /// must stay apart from it (a pub/sub subscriber).
+    pub(crate) fn new_client(&self) -> Result<Client, StoreError> {
+        let client = self
+            .inner
+            .builder
+            .build()
+            .map_err(|e| StoreError::InvalidUrl {
+                reason: e.details().to_owned(),
+            })?;
+        log_connection_events(&client, &self.inner.target);
+        Ok(client)
+    }
+
+    /// The options applied to every command.
+    pub(crate) fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// Scheme and hosts, never a password.
+    pub(crate) fn target(&self) -> &str {
+        &self.inner.target
     }
 
     /// Maps a fred error to ours. A timeout is its own variant; connection trouble is
     /// unavailable; an error reply from the server is refused.
-    fn error(&self, error: FredError) -> StoreError {
+    pub(crate) fn error(&self, error: FredError) -> StoreError {
         match error.kind() {
-            ErrorKind::Timeout => StoreError::Timeout(self.timeout),
+            ErrorKind::Timeout => StoreError::Timeout(self.inner.timeout),
             ErrorKind::IO
             | ErrorKind::Canceled
             | ErrorKind::Routing
@@ -182,23 +192,157 @@ impl RedisNonceStore {
 
     /// Runs `command` with a hard deadline of `timeout`, whatever fred does: the proxy must
     /// never wait on the store longer than configured.
-    async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         command: impl std::future::Future<Output = Result<T, FredError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, command).await {
+        match tokio::time::timeout(self.inner.timeout, command).await {
             Ok(result) => result.map_err(|e| self.error(e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.inner.timeout)),
+        }
+    }
+
+    /// Runs a Lua script by its SHA1 (`EVALSHA`), and sends its text (`EVAL`) only when the
+    /// server answers NOSCRIPT: a script cache emptied by a restart, a failover or a node that
+    /// never saw it. A NOSCRIPT reply means the script did not run, so the second command is
+    /// not a retry of something that may have been applied. `EVAL` caches the script on the
+    /// node that ran it, which in a cluster is the node that owns the keys: no `SCRIPT LOAD` on
+    /// every node is needed.
+    pub(crate) async fn run_script<R>(
+        &self,
+        script: &LuaScript,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, StoreError>
+    where
+        R: FromValue + Unpin + Send,
+    {
+        let client = self.client();
+        let first = tokio::time::timeout(
+            self.inner.timeout,
+            client.evalsha::<R, _, _, _>(script.sha1.as_str(), keys.clone(), args.clone()),
+        )
+        .await;
+        match first {
+            Ok(Err(error)) if error.details().starts_with("NOSCRIPT") => {
+                self.bounded(client.eval::<R, _, _, _>(script.source, keys, args))
+                    .await
+            }
+            Ok(result) => result.map_err(|e| self.error(e)),
+            Err(_) => Err(StoreError::Timeout(self.inner.timeout)),
+        }
+    }
+
+    /// PING through the pool, for `/readyz`.
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.bounded(self.client().ping(None)).await?;
+        Ok(())
+    }
+}
+
+/// A Lua script and its SHA1, computed once.
+#[derive(Debug)]
+pub(crate) struct LuaScript {
+    source: &'static str,
+    sha1: String,
+}
+
+impl LuaScript {
+    /// Hashes `source` for `EVALSHA`.
+    pub(crate) fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha1: fred::util::sha1_hash(source),
         }
     }
 }
 
-impl Drop for RedisNonceStore {
-    fn drop(&mut self) {
-        // Without this a dropped store would go on reconnecting to a Redis nobody uses.
-        for driver in &self.drivers {
-            driver.abort();
+/// The options applied to every command: see the module doc.
+fn command_options(timeout: Duration) -> Options {
+    Options {
+        max_attempts: Some(1),
+        timeout: Some(timeout),
+        fail_fast: true,
+        ..Options::default()
+    }
+}
+
+/// A fred builder with the settings of the module doc, and the redacted target for logs.
+fn builder(url: &str, timeout: Duration) -> Result<(Builder, String), StoreError> {
+    // fred builds its rustls context from the process default provider.
+    crate::server::tls::install_default_provider();
+    let target = redacted(url);
+    // fred reads any unknown scheme as plain redis://; the config layer only lets these
+    // through, and a StoreConfig built by hand gets the same answer.
+    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+        return Err(StoreError::InvalidUrl {
+            reason: format!("{target} does not start with {}", SCHEMES.join(", ")),
+        });
+    }
+    let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
+        reason: e.details().to_owned(),
+    })?;
+    // false: a failed first connection goes through the reconnect policy instead of
+    // ending the client.
+    config.fail_fast = false;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.max_command_attempts = 1;
+            c.connection_timeout = CONNECTION_TIMEOUT;
+            c.internal_command_timeout = CONNECTION_TIMEOUT;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(UNRESPONSIVE_AFTER),
+                interval: Duration::from_millis(500),
+            };
+            c.tcp.nodelay = Some(true);
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+            // The revocation subscriber receives every event through this channel; a burst
+            // larger than it makes the mirror resync rather than miss one.
+            p.broadcast_channel_capacity = BROADCAST_CAPACITY;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2));
+    Ok((builder, target))
+}
+
+/// Logs connection errors and (re)connections of `client`.
+fn log_connection_events(client: &Client, target: &str) {
+    let target = target.to_owned();
+    client.on_error(move |(error, server)| {
+        let target = target.clone();
+        async move {
+            let server = server.map(|s| s.to_string()).unwrap_or_default();
+            tracing::warn!(%target, %server, kind = ?error.kind(), detail = error.details(), "redis connection error");
+            Ok(())
         }
+    });
+    client.on_reconnect(move |server| async move {
+        tracing::info!(%server, "redis connected");
+        Ok(())
+    });
+}
+
+/// Nonces in Redis, on a [`RedisConnection`].
+///
+/// Dropping it (and every other user of its connection) stops the background tasks.
+#[derive(Debug, Clone)]
+pub struct RedisNonceStore {
+    connection: RedisConnection,
+}
+
+impl RedisNonceStore {
+    /// Parses `url` and starts connecting. Returns an error only for a url that cannot be used;
+    /// an unreachable server gives a store that reports errors until it connects. See
+    /// [`RedisConnection::connect`] for the urls accepted.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        Ok(Self::new(RedisConnection::connect(url, timeout).await?))
+    }
+
+    /// A nonce store on an existing connection.
+    pub fn new(connection: RedisConnection) -> Self {
+        Self { connection }
     }
 }
 
@@ -214,8 +358,9 @@ impl NonceStore for RedisNonceStore {
         // unambiguously whatever the key id holds.
         let key = format!("portcullis:nonce:{key_id}:{nonce}");
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let client = self.pool.with_options(&self.options);
+        let client = self.connection.client();
         let reply: Option<String> = self
+            .connection
             .bounded(client.set(
                 key,
                 1,
@@ -231,9 +376,7 @@ impl NonceStore for RedisNonceStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.pool.with_options(&self.options);
-        let _: String = self.bounded(client.ping(None)).await?;
-        Ok(())
+        self.connection.ping().await
     }
 }
 
