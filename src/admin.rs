@@ -5,17 +5,18 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::config::Secret;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::problem::full_body;
 use crate::proxy::Body;
 use crate::server::tls::TlsState;
-use crate::store::NonceStore;
+use crate::store::{Revocation, Stores};
 
 /// `/readyz` warns (and stays ready) when the serving certificate expires within 7 days.
 const CERTIFICATE_WARNING_SECONDS: i64 = 7 * 86_400;
@@ -24,8 +25,13 @@ const CERTIFICATE_WARNING_SECONDS: i64 = 7 * 86_400;
 #[derive(Debug)]
 pub struct Admin {
     keys: Arc<KeyStore>,
-    store: Arc<dyn NonceStore>,
+    stores: Stores,
     tls: Option<Arc<TlsState>>,
+    /// The admin API's bearer token; `None` turns the API off.
+    token: Option<Secret>,
+    /// Whether any route checks JWTs (only then does a stale revocation mirror make the proxy
+    /// unready).
+    revocations_needed: bool,
     /// Whether any route needs the store (only then does a down store make the proxy unready).
     store_needed: bool,
     metrics: Arc<Metrics>,
@@ -35,22 +41,30 @@ impl Admin {
     /// Builds the admin endpoints over the proxy's key store and metrics.
     pub fn new(
         keys: Arc<KeyStore>,
-        store: Arc<dyn NonceStore>,
+        stores: Stores,
         tls: Option<Arc<TlsState>>,
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             keys,
-            store,
+            stores,
             tls,
-            store_needed: config.routes.iter().any(|r| r.require.signature),
+            token: config.admin.token.clone(),
+            revocations_needed: config.routes.iter().any(|r| r.require.jwt),
+            store_needed: config
+                .routes
+                .iter()
+                .any(|r| r.require.signature || r.rate_limit.is_some()),
             metrics,
         }
     }
 
     /// Answers one admin request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.uri().path() == "/revocations" {
+            return self.revocations(request).await;
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -78,14 +92,138 @@ impl Admin {
         }
     }
 
+    /// The revocation API: `POST` revokes, `DELETE` undoes, `GET` lists (paged with `cursor`
+    /// and `limit`). Off (404) without `admin.token_env`/`token_file`; every call needs
+    /// `Authorization: Bearer <admin token>`.
+    async fn revocations(&self, request: Request<Incoming>) -> Response<Body> {
+        let Some(token) = &self.token else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "admin_api_off",
+                "the admin API is off: set admin.token_env or admin.token_file",
+            );
+        };
+        if !bearer_matches(request.headers(), token) {
+            let mut response = problem(
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "a valid admin bearer token is needed",
+            );
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+            );
+            return response;
+        }
+        let method = request.method().clone();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        match method {
+            Method::POST | Method::DELETE => {
+                let body = match read_limited(request.into_body(), ADMIN_BODY_LIMIT).await {
+                    Ok(body) => body,
+                    Err(reason) => {
+                        return problem(StatusCode::BAD_REQUEST, "invalid_body", &reason)
+                    }
+                };
+                let revocation = match Revocation::from_json(&body) {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        return problem(StatusCode::BAD_REQUEST, "invalid_body", &reason)
+                    }
+                };
+                let outcome = if method == Method::POST {
+                    self.stores.revocations.revoke(&revocation).await
+                } else {
+                    self.stores.revocations.unrevoke(&revocation).await
+                };
+                match outcome {
+                    Ok(()) => {
+                        let action = if method == Method::POST {
+                            "revoked"
+                        } else {
+                            "unrevoked"
+                        };
+                        tracing::info!(action, revocation = ?revocation, "admin API");
+                        let body = serde_json::json!({ action: revocation });
+                        let status = if method == Method::POST {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        };
+                        text(status, "application/json", format!("{body}\n"))
+                    }
+                    Err(e) => {
+                        self.metrics.store_error("revocation_write");
+                        problem(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "store_unavailable",
+                            &e.to_string(),
+                        )
+                    }
+                }
+            }
+            Method::GET | Method::HEAD => {
+                let mut cursor = None;
+                let mut limit = 100usize;
+                for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                    match k {
+                        "cursor" => {
+                            cursor = Some(
+                                percent_encoding::percent_decode_str(v)
+                                    .decode_utf8_lossy()
+                                    .into_owned(),
+                            )
+                        }
+                        "limit" => match v.parse::<usize>() {
+                            Ok(n) if (1..=1000).contains(&n) => limit = n,
+                            _ => {
+                                return problem(
+                                    StatusCode::BAD_REQUEST,
+                                    "invalid_query",
+                                    "limit must be 1 to 1000",
+                                )
+                            }
+                        },
+                        _ => {}
+                    }
+                }
+                match self.stores.revocations.list(cursor.as_deref(), limit).await {
+                    Ok((items, next)) => {
+                        let body = serde_json::json!({ "revocations": items, "next_cursor": next });
+                        text(StatusCode::OK, "application/json", format!("{body}\n"))
+                    }
+                    Err(e) => problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        &e.to_string(),
+                    ),
+                }
+            }
+            _ => problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET, POST or DELETE",
+            ),
+        }
+    }
+
     async fn readyz(&self) -> Response<Body> {
         let statuses = self.keys.status();
-        let store = self.store.ping().await;
+        let store = self.stores.nonces.ping().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let revocations = self
+            .stores
+            .revocations
+            .is_revoked(None, None, None, now)
+            .map(|_| ());
+        let revocations_ok = revocations.is_ok() || !self.revocations_needed;
         if store.is_err() {
             self.metrics.store_error("ping");
         }
         let store_ok = store.is_ok() || !self.store_needed;
-        let ready = statuses.iter().all(|s| s.loaded) && store_ok;
+        let ready = statuses.iter().all(|s| s.loaded) && store_ok && revocations_ok;
         let issuers: Vec<serde_json::Value> = statuses
             .iter()
             .map(|s| {
@@ -121,6 +259,10 @@ impl Admin {
                 Ok(()) => serde_json::json!({"state": "ok"}),
                 Err(e) => serde_json::json!({"state": "unavailable", "error": e.to_string()}),
             },
+            "revocations": match &revocations {
+                Ok(()) => serde_json::json!({"state": "current"}),
+                Err(e) => serde_json::json!({"state": "unconfirmed", "error": e.to_string()}),
+            },
         });
         let status = if ready {
             StatusCode::OK
@@ -129,6 +271,44 @@ impl Admin {
         };
         text(status, "application/json", format!("{body}\n"))
     }
+}
+
+/// The largest admin request body read.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+/// `Authorization: Bearer <token>` equal to the admin token, compared in constant time.
+fn bearer_matches(headers: &http::HeaderMap, token: &Secret) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return false;
+    };
+    let Some(sent) = value.as_bytes().strip_prefix(b"Bearer ") else {
+        return false;
+    };
+    let expected = token.expose();
+    sent.len() == expected.len() && bool::from(sent.ct_eq(expected))
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<bytes::Bytes, String> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, limit);
+    limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| format!("the body could not be read ({e})"))
+}
+
+/// An admin error as problem+json.
+fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    text(status, "application/problem+json", format!("{body}\n"))
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {

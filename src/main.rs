@@ -46,9 +46,43 @@ enum Command {
     },
     /// Sign a request with scheme v1: print the Authorization header, or a curl command.
     Sign(SignArgs),
+    /// Revoke a token (--jti/--exp) or a subject's earlier tokens (--sub/--before) through a
+    /// running proxy's admin API; --undo takes a revocation back, --list pages through them.
+    Revoke(RevokeArgs),
     /// Certificate tooling: keygen, csr, inspect, verify, pin.
     #[command(subcommand)]
     Cert(portcullis::cert::CertCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct RevokeArgs {
+    /// The admin listener, e.g. http://127.0.0.1:9901.
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    admin_url: String,
+    /// The environment variable holding the admin token.
+    #[arg(long, default_value = "PORTCULLIS_ADMIN_TOKEN")]
+    token_env: String,
+    /// The token's jti (with --exp).
+    #[arg(long, requires = "exp", conflicts_with_all = ["sub", "list"])]
+    jti: Option<String>,
+    /// The token's exp, Unix seconds (the revocation is kept until then).
+    #[arg(long)]
+    exp: Option<i64>,
+    /// The subject whose tokens issued before --before are revoked.
+    #[arg(long, requires = "before", conflicts_with = "list")]
+    sub: Option<String>,
+    /// Unix seconds; the subject's tokens with an earlier iat are revoked.
+    #[arg(long)]
+    before: Option<i64>,
+    /// Take the revocation back instead (DELETE).
+    #[arg(long)]
+    undo: bool,
+    /// List revocations (GET), one page.
+    #[arg(long)]
+    list: bool,
+    /// With --list: the cursor a previous page returned.
+    #[arg(long, requires = "list")]
+    cursor: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +126,16 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Revoke(args) => match revoke(&args) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portcullis revoke: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Sign(args) => match sign(&args) {
             Ok(out) => {
                 println!("{out}");
@@ -159,6 +203,58 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn revoke(args: &RevokeArgs) -> anyhow::Result<String> {
+    let token = std::env::var(&args.token_env).with_context(|| {
+        format!(
+            "environment variable {} (the admin token) is not set",
+            args.token_env
+        )
+    })?;
+    let url = format!("{}/revocations", args.admin_url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let request = if args.list {
+        let mut query = Vec::new();
+        if let Some(cursor) = &args.cursor {
+            query.push(("cursor", cursor.clone()));
+        }
+        client.get(&url).query(&query)
+    } else {
+        let body = match (&args.jti, args.exp, &args.sub, args.before) {
+            (Some(jti), Some(exp), None, _) => serde_json::json!({"jti": jti, "exp": exp}),
+            (None, _, Some(sub), Some(before)) => serde_json::json!({"sub": sub, "before": before}),
+            _ => anyhow::bail!("give --jti with --exp, --sub with --before, or --list"),
+        };
+        let method = if args.undo {
+            reqwest::Method::DELETE
+        } else {
+            reqwest::Method::POST
+        };
+        client
+            .request(method, &url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let response = request
+            .bearer_auth(token)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            Ok(text.trim_end().to_owned())
+        } else {
+            anyhow::bail!("{status}: {}", text.trim_end())
+        }
+    })
 }
 
 fn sign(args: &SignArgs) -> anyhow::Result<String> {

@@ -35,6 +35,14 @@ pub enum Rejection {
     /// A check refused the credentials.
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// The route's rate limit is used up for this key; carries the RateLimit headers.
+    #[error("{detail}")]
+    RateLimited {
+        /// The short reason.
+        detail: String,
+        /// `Retry-After`, `RateLimit-Policy`, `RateLimit`.
+        headers: Vec<(&'static str, String)>,
+    },
     /// The upstream could not be reached or broke the exchange.
     #[error("the upstream service is unavailable")]
     UpstreamUnavailable,
@@ -53,6 +61,7 @@ impl Rejection {
             Self::BodyTooLarge(_) => "body_too_large",
             Self::BodyIncomplete => "body_incomplete",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::RateLimited { .. } => "rate_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Auth(e) => match e {
@@ -75,6 +84,7 @@ impl Rejection {
                 AuthError::TimestampOutOfWindow(_) => "timestamp_out_of_window",
                 AuthError::SignatureMismatch(_) => "signature_mismatch",
                 AuthError::NonceReplayed => "nonce_replayed",
+                AuthError::TokenRevoked(_) => "token_revoked",
                 AuthError::StoreUnavailable(_) => "store_unavailable",
                 AuthError::ClientCertificateRequired(_) => "client_certificate_required",
                 AuthError::ClientCertificateRejected(_) => "client_certificate_rejected",
@@ -92,6 +102,7 @@ impl Rejection {
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyIncomplete => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Auth(e) => match e {
@@ -105,6 +116,7 @@ impl Rejection {
                 | AuthError::TimestampOutOfWindow(_)
                 | AuthError::SignatureMismatch(_)
                 | AuthError::NonceReplayed
+                | AuthError::TokenRevoked(_)
                 | AuthError::ClientCertificateRequired(_)
                 | AuthError::ClientCertificateRejected(_)
                 | AuthError::CertificateBindingMismatch(_)
@@ -136,7 +148,7 @@ impl Rejection {
             AuthError::ClientCertificateRequired(_) | AuthError::ClientCertificateRejected(_) => {
                 Some("ClientCertificate realm=\"portcullis\"".to_owned())
             }
-            AuthError::CertificateBindingMismatch(_) => Some(format!(
+            AuthError::CertificateBindingMismatch(_) | AuthError::TokenRevoked(_) => Some(format!(
                 "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
                 quoted_string(&e.to_string())
             )),
@@ -187,6 +199,18 @@ impl Rejection {
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         );
+        if let Self::RateLimited { headers: extra, .. } = self {
+            for (name, value) in extra {
+                // The names are mixed case ("RateLimit-Policy"): from_bytes lower-cases them,
+                // where a &'static str would have to be lower case already.
+                if let (Ok(name), Ok(value)) = (
+                    http::header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+        }
         if let Some(challenge) = self.challenge() {
             if let Ok(value) = HeaderValue::from_str(&challenge) {
                 headers.insert(WWW_AUTHENTICATE, value);

@@ -71,6 +71,9 @@ pub enum AuthError {
     /// so that a client author can see which line differs.
     #[error("the signature does not match the request; compare string_to_sign with yours")]
     SignatureMismatch(String),
+    /// The token, or every token of its subject issued before a time, was revoked.
+    #[error("{0}")]
+    TokenRevoked(String),
     /// The nonce was seen before with this key.
     #[error("the nonce was already used")]
     NonceReplayed,

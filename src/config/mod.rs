@@ -1187,10 +1187,21 @@ impl Validator<'_> {
                     RateLimitKey::Ip
                 }
             };
-            self.error(
-                format!("{at}.rate_limit"),
-                "rate limits are not available in this build yet",
-            );
+            let needs = match key {
+                RateLimitKey::Subject if !require.jwt => {
+                    Some("\"subject\" needs \"jwt\" in require")
+                }
+                RateLimitKey::Client if !require.signature => {
+                    Some("\"client\" needs \"signature\" in require")
+                }
+                RateLimitKey::Certificate if !require.mtls => {
+                    Some("\"certificate\" needs \"mtls\" in require")
+                }
+                _ => None,
+            };
+            if let Some(message) = needs {
+                self.error(format!("{at}.rate_limit.key"), message);
+            }
             RateLimit {
                 requests: rl.requests.max(1) as u64,
                 per,
@@ -1259,7 +1270,6 @@ impl Validator<'_> {
         }
     }
 }
-
 
 fn is_hmac(a: &Algorithm) -> bool {
     matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
@@ -1409,12 +1419,25 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_features_are_refused_not_ignored() {
-        let e = errors("[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nrate_limit = { requests = 1, per = \"1s\", key = \"ip\" }\n", &[]);
-        assert!(
-            e.iter()
-                .any(|e| e.contains("not available in this build yet")),
-            "{e:?}"
-        );
+    fn rate_limit_keys_need_the_check_that_provides_them() {
+        for (key, needs) in [
+            ("subject", "jwt"),
+            ("client", "signature"),
+            ("certificate", "mtls"),
+        ] {
+            let e = errors(
+                &format!("[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nrate_limit = {{ requests = 1, per = \"1s\", key = \"{key}\" }}\n"),
+                &[],
+            );
+            assert!(
+                e.iter().any(|e| e
+                    == &format!(
+                        "routes[0].rate_limit.key: \"{key}\" needs \"{needs}\" in require"
+                    )),
+                "{e:?}"
+            );
+        }
+        let c = parse("[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nrate_limit = { requests = 5, per = \"10s\", key = \"ip\" }\n", &[]).unwrap();
+        assert_eq!(c.routes[0].rate_limit.as_ref().unwrap().requests, 5);
     }
 }

@@ -22,11 +22,13 @@ use sha2::{Digest, Sha256};
 use crate::auth::mtls::{self, ClientCert};
 use crate::auth::signature::{SignatureVerifier, SignedRequest, VerifiedSignature};
 use crate::auth::{self, AuthError, Identity, JwtVerifier, VerifiedToken};
-use crate::config::{Config, OnStoreError, Route, RouteMatch};
+use crate::config::{Config, OnStoreError, RateLimitKey, Route, RouteMatch};
 use crate::metrics::Metrics;
 use crate::problem::Rejection;
 use crate::server::tls::TlsError;
-use crate::store::{NonceOutcome, NonceStore};
+use crate::store::{
+    rate_limit_headers, NonceOutcome, NonceStore, RateLimiter, RevocationStore, StoreError, Stores,
+};
 use forward::{LimitedBody, Upstream};
 
 /// The response body type of the proxy.
@@ -52,6 +54,8 @@ pub struct Proxy {
     jwt: JwtVerifier,
     signatures: SignatureVerifier,
     nonces: Arc<dyn NonceStore>,
+    revocations: Arc<dyn RevocationStore>,
+    rate_limits: Arc<dyn RateLimiter>,
     upstream: Upstream,
     upstream_base: (http::uri::Scheme, http::uri::Authority),
     metrics: Arc<Metrics>,
@@ -62,7 +66,7 @@ impl Proxy {
     pub fn new(
         config: Arc<Config>,
         jwt: JwtVerifier,
-        nonces: Arc<dyn NonceStore>,
+        stores: Stores,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsError> {
         let url = &config.upstream.url;
@@ -76,7 +80,9 @@ impl Proxy {
         Ok(Self {
             upstream: Upstream::new(&config.upstream)?,
             signatures: SignatureVerifier::new(&config.signature),
-            nonces,
+            nonces: stores.nonces,
+            revocations: stores.revocations,
+            rate_limits: stores.rate_limits,
             config,
             jwt,
             upstream_base,
@@ -171,6 +177,9 @@ impl Proxy {
         outcome.subject = identity.token.as_ref().and_then(|t| t.subject.clone());
         outcome.client = identity.signature.as_ref().map(|s| s.client.clone());
         check_permissions(route, &identity)?;
+        let rate_headers = self
+            .check_rate_limit(route, &identity, conn, request_id)
+            .await?;
 
         // Forward: the normalised path, the original query.
         let target = match parts.uri.query() {
@@ -231,6 +240,14 @@ impl Proxy {
         headers::remove_hop_by_hop(&mut parts.headers);
         // The client's connection has its own version; an HTTP/1.0 upstream must not downgrade it.
         parts.version = Version::default();
+        for (name, value) in rate_headers {
+            if let (Ok(name), Ok(value)) = (
+                http::header::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                parts.headers.insert(name, value);
+            }
+        }
         Ok(Response::from_parts(
             parts,
             body.map_err(|e| Box::new(e) as BoxError).boxed(),
@@ -264,8 +281,10 @@ impl Proxy {
         }
         if route.require.jwt {
             let token = bearer_token(headers)?;
-            let verified = self.jwt.verify(token, unix_now()).await?;
+            let now = unix_now();
+            let verified = self.jwt.verify(token, now).await?;
             check_certificate_binding(&verified, conn.client_cert.as_deref())?;
+            self.check_revocation(&verified, now, request_id)?;
             identity.token = Some(verified);
         }
         Ok(identity)
@@ -273,6 +292,99 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// A store error on the request path: 503 store_unavailable, or with `on_error = "allow"` a
+    /// logged pass.
+    fn store_failure(
+        &self,
+        operation: &'static str,
+        e: &StoreError,
+        request_id: &str,
+    ) -> Result<(), Rejection> {
+        self.metrics.store_error(operation);
+        match self.config.store.on_error {
+            OnStoreError::Deny => {
+                Err(AuthError::StoreUnavailable(format!("the store is unavailable ({e})")).into())
+            }
+            OnStoreError::Allow => {
+                tracing::warn!(
+                    request_id = %request_id,
+                    operation,
+                    error = %e,
+                    "store unavailable; passing the request unchecked (store.on_error = \"allow\")"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Revocation, after the token verified (cached or not): a local lookup, no I/O.
+    fn check_revocation(
+        &self,
+        token: &VerifiedToken,
+        now: i64,
+        request_id: &str,
+    ) -> Result<(), Rejection> {
+        match self.revocations.is_revoked(
+            token.token_id.as_deref(),
+            token.subject.as_deref(),
+            token.issued_at,
+            now,
+        ) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(AuthError::TokenRevoked("the token has been revoked".into()).into()),
+            Err(e) => self.store_failure("revocation_check", &e, request_id),
+        }
+    }
+
+    /// The route's rate limit, counted by the configured key. Returns the RateLimit headers to
+    /// add to the response.
+    async fn check_rate_limit(
+        &self,
+        route: &Route,
+        identity: &Identity,
+        conn: &ConnectionInfo,
+        request_id: &str,
+    ) -> Result<Vec<(&'static str, String)>, Rejection> {
+        let Some(limit) = &route.rate_limit else {
+            return Ok(Vec::new());
+        };
+        // Configuration validation ties each key kind to the check that provides it.
+        let who = match limit.key {
+            RateLimitKey::Subject => identity.token.as_ref().and_then(|t| t.subject.clone()),
+            RateLimitKey::Client => identity.signature.as_ref().map(|s| s.client.clone()),
+            RateLimitKey::Certificate => {
+                conn.client_cert.as_ref().map(|c| hex::encode(c.der_sha256))
+            }
+            RateLimitKey::Ip => Some(conn.peer.ip().to_string()),
+        }
+        .unwrap_or_default();
+        let key = format!("{}:{}", route.name, who);
+        match self
+            .rate_limits
+            .check(&key, limit.requests, limit.per)
+            .await
+        {
+            Ok(decision) => {
+                let headers = rate_limit_headers(&route.name, &decision, limit.per);
+                if decision.allowed {
+                    Ok(headers)
+                } else {
+                    Err(Rejection::RateLimited {
+                        detail: format!(
+                            "more than {} requests per {}s",
+                            limit.requests,
+                            limit.per.as_secs()
+                        ),
+                        headers,
+                    })
+                }
+            }
+            Err(e) => self
+                .store_failure("rate_limit", &e, request_id)
+                .map(|()| Vec::new()),
+        }
+    }
+
     /// Verifies the scheme-v1 signature, then records its nonce once.
     async fn check_signature(
         &self,
@@ -309,25 +421,9 @@ impl Proxy {
         {
             Ok(NonceOutcome::Fresh) => Ok(verified),
             Ok(NonceOutcome::Replayed) => Err(AuthError::NonceReplayed.into()),
-            Err(e) => {
-                self.metrics.store_error("record_nonce");
-                match self.config.store.on_error {
-                    OnStoreError::Deny => Err(AuthError::StoreUnavailable(format!(
-                        "the nonce store is unavailable ({e})"
-                    ))
-                    .into()),
-                    OnStoreError::Allow => {
-                        tracing::warn!(
-                            request_id = %request_id,
-                            client = %verified.client,
-                            key_id = %verified.key_id,
-                            error = %e,
-                            "nonce store unavailable; passing the request unchecked for replay (store.on_error = \"allow\")"
-                        );
-                        Ok(verified)
-                    }
-                }
-            }
+            Err(e) => self
+                .store_failure("record_nonce", &e, request_id)
+                .map(|()| verified),
         }
     }
 }

@@ -74,18 +74,18 @@ impl Server {
             Some(settings) => Some(TlsState::load(settings, metrics.clone())?),
             None => None,
         };
-        let nonces = store::connect(&config.store).await?;
+        let stores = store::connect_all(&config.store).await?;
         let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
         let jwt = JwtVerifier::new(&config.jwt, keys.clone());
         let proxy = Arc::new(Proxy::new(
             config.clone(),
             jwt,
-            nonces.clone(),
+            stores.clone(),
             metrics.clone(),
         )?);
         let admin = Arc::new(Admin::new(
             keys.clone(),
-            nonces,
+            stores,
             tls.clone(),
             &config,
             metrics,
