@@ -77,16 +77,28 @@ async fn a_revoked_token_is_revoked_until_unrevoked(store: Arc<dyn RevocationSto
     wait_current(&store).await;
     let t = now();
     let exp = t + 3600;
-    assert_eq!(store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
     store.revoke(&token("jti-a1", exp)).await.unwrap();
-    assert_eq!(store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t), Ok(true));
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(true)
+    );
     assert_eq!(store.is_revoked(Some("jti-a1"), None, None, t), Ok(true));
     // Another jti of the same subject is not touched.
-    assert_eq!(store.is_revoked(Some("jti-a2"), Some("alice"), Some(t), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(Some("jti-a2"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
     assert_eq!(store.is_revoked(None, Some("alice"), None, t), Ok(false));
 
     store.unrevoke(&token("jti-a1", exp)).await.unwrap();
-    assert_eq!(store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
     // Undoing something that is not there is not an error.
     store.unrevoke(&token("jti-a1", exp)).await.unwrap();
 }
@@ -98,13 +110,33 @@ async fn a_subject_revocation_covers_tokens_issued_before_and_tokens_without_iat
     let t = now();
     let before = t - 100;
     store.revoke(&subject("bob", before)).await.unwrap();
-    assert_eq!(store.is_revoked(Some("jti-b1"), Some("bob"), Some(before - 1), t), Ok(true));
-    assert_eq!(store.is_revoked(Some("jti-b1"), Some("bob"), Some(before), t), Ok(false), "iat == before is not covered");
-    assert_eq!(store.is_revoked(Some("jti-b1"), Some("bob"), Some(before + 1), t), Ok(false));
-    assert_eq!(store.is_revoked(Some("jti-b1"), Some("bob"), None, t), Ok(true), "a token without iat cannot prove it is newer");
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before - 1), t),
+        Ok(true)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before), t),
+        Ok(false),
+        "iat == before is not covered"
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before + 1), t),
+        Ok(false)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), None, t),
+        Ok(true),
+        "a token without iat cannot prove it is newer"
+    );
     assert_eq!(store.is_revoked(None, Some("bob"), None, t), Ok(true));
-    assert_eq!(store.is_revoked(Some("jti-b1"), Some("bobby"), None, t), Ok(false));
-    assert_eq!(store.is_revoked(Some("jti-b1"), None, Some(before - 1), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bobby"), None, t),
+        Ok(false)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), None, Some(before - 1), t),
+        Ok(false)
+    );
 }
 
 async fn the_latest_before_wins_and_undo_leaves_a_later_one(store: Arc<dyn RevocationStore>) {
@@ -114,15 +146,27 @@ async fn the_latest_before_wins_and_undo_leaves_a_later_one(store: Arc<dyn Revoc
     store.revoke(&subject("carol", t - 50)).await.unwrap();
     // An earlier `before` posted later does not weaken the revocation.
     store.revoke(&subject("carol", t - 200)).await.unwrap();
-    assert_eq!(store.is_revoked(None, Some("carol"), Some(t - 60), t), Ok(true));
-    assert_eq!(store.is_revoked(None, Some("carol"), Some(t - 50), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(true)
+    );
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 50), t),
+        Ok(false)
+    );
 
     // Undoing the older one leaves the later one in force.
     store.unrevoke(&subject("carol", t - 100)).await.unwrap();
-    assert_eq!(store.is_revoked(None, Some("carol"), Some(t - 60), t), Ok(true));
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(true)
+    );
     // Undoing the latest one removes it.
     store.unrevoke(&subject("carol", t - 50)).await.unwrap();
-    assert_eq!(store.is_revoked(None, Some("carol"), Some(t - 60), t), Ok(false));
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(false)
+    );
     assert_eq!(store.is_revoked(None, Some("carol"), None, t), Ok(false));
 
     // For a jti the later exp is kept.
@@ -140,13 +184,24 @@ async fn token_revocations_are_forgotten_after_their_exp(store: Arc<dyn Revocati
     store.revoke(&token("jti-d1", t - 10)).await.unwrap();
     assert_eq!(store.is_revoked(Some("jti-d1"), None, None, t), Ok(true));
     // Past its exp and the grace: forgotten, and not listed.
-    store.revoke(&token("jti-d2", t - grace - 10)).await.unwrap();
+    store
+        .revoke(&token("jti-d2", t - grace - 10))
+        .await
+        .unwrap();
     assert_eq!(store.is_revoked(Some("jti-d2"), None, None, t), Ok(false));
     // The same revocation, seen from later: forgotten too.
-    assert_eq!(store.is_revoked(Some("jti-d1"), None, None, t + grace + 20), Ok(false));
+    assert_eq!(
+        store.is_revoked(Some("jti-d1"), None, None, t + grace + 20),
+        Ok(false)
+    );
     let listed = list_all(&store, 100).await;
     assert!(listed.contains(&token("jti-d1", t - 10)), "{listed:?}");
-    assert!(!listed.iter().any(|r| matches!(r, Revocation::Token { jti, .. } if jti == "jti-d2")), "{listed:?}");
+    assert!(
+        !listed
+            .iter()
+            .any(|r| matches!(r, Revocation::Token { jti, .. } if jti == "jti-d2")),
+        "{listed:?}"
+    );
 }
 
 /// Every page of `list`, checking that pages hold at most `limit` and never repeat.
@@ -196,7 +251,11 @@ async fn list_pages_in_a_stable_order(store: Arc<dyn RevocationStore>) {
         Revocation::Subject { sub, .. } => (1, sub.clone()),
     });
     for limit in [1, 2, 3, 5, 100] {
-        assert_eq!(ours(list_all(&store, limit).await), expected, "limit {limit}");
+        assert_eq!(
+            ours(list_all(&store, limit).await),
+            expected,
+            "limit {limit}"
+        );
     }
     // A page of 3 starting after the second token.
     let (first, next) = store.list(None, 1000).await.unwrap();
@@ -211,7 +270,10 @@ async fn list_pages_in_a_stable_order(store: Arc<dyn RevocationStore>) {
     assert!(!rest.contains(&expected[6]), "list-jti-6 was undone");
 }
 
-async fn list_all_from(store: &Arc<dyn RevocationStore>, mut cursor: Option<String>) -> Vec<Revocation> {
+async fn list_all_from(
+    store: &Arc<dyn RevocationStore>,
+    mut cursor: Option<String>,
+) -> Vec<Revocation> {
     let mut all = Vec::new();
     while let Some(c) = cursor {
         let (page, next) = store.list(Some(&c), 2).await.unwrap();
@@ -288,14 +350,20 @@ async fn propagates(
     let start = Instant::now();
     a.revoke(&token(jti, t + 600)).await.unwrap();
     while b.is_revoked(Some(jti), None, None, t) != Ok(true) {
-        assert!(start.elapsed() < Duration::from_secs(1), "the revocation did not reach the other replica within 1 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the revocation did not reach the other replica within 1 s"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let revoked = start.elapsed();
     let start = Instant::now();
     a.unrevoke(&token(jti, t + 600)).await.unwrap();
     while b.is_revoked(Some(jti), None, None, t) != Ok(false) {
-        assert!(start.elapsed() < Duration::from_secs(1), "the undo did not reach the other replica within 1 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the undo did not reach the other replica within 1 s"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let undone = start.elapsed();
@@ -362,7 +430,10 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
             Ok(revoked) => {
                 assert!(revoked, "the mirror must keep the revocation");
                 assert_eq!(b.is_revoked(Some("jti-k2"), None, None, t), Ok(false));
-                assert!(failed_at.is_none(), "the mirror answered again after failing, with redis still down");
+                assert!(
+                    failed_at.is_none(),
+                    "the mirror answered again after failing, with redis still down"
+                );
                 answered_until = killed.elapsed();
             }
             Err(_) => {
@@ -372,9 +443,17 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let failed_at = failed_at.expect("is_revoked never failed with redis down for 3 s");
-    eprintln!("redis killed: mirror answered for {answered_until:?}, failed closed from {failed_at:?}");
-    assert!(answered_until >= max_lag / 2, "the mirror failed before the lag: {answered_until:?}");
-    assert!(failed_at <= max_lag + Duration::from_millis(100), "the mirror answered past the lag: {failed_at:?}");
+    eprintln!(
+        "redis killed: mirror answered for {answered_until:?}, failed closed from {failed_at:?}"
+    );
+    assert!(
+        answered_until >= max_lag / 2,
+        "the mirror failed before the lag: {answered_until:?}"
+    );
+    assert!(
+        failed_at <= max_lag + Duration::from_millis(100),
+        "the mirror answered past the lag: {failed_at:?}"
+    );
     assert!(b.ping().await.is_err());
     assert!(a.revoke(&token("jti-k3", t + 600)).await.is_err());
 
@@ -383,7 +462,10 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
     // The restarted redis is empty (no persistence): current again means it answers, and new
     // revocations flow again.
     wait_current(&b).await;
-    eprintln!("mirror current again {:?} after redis answered PING", restarted.elapsed());
+    eprintln!(
+        "mirror current again {:?} after redis answered PING",
+        restarted.elapsed()
+    );
     assert_eq!(b.is_revoked(Some("jti-k1"), None, None, t), Ok(false));
     wait_current(&a).await;
     propagates(&a, &b, "jti-k4").await;
@@ -394,10 +476,21 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
 async fn unreachable_redis_at_start_fails_closed_and_is_picked_up_later() {
     let port = free_port();
     let start = Instant::now();
-    let store = redis_store(format!("redis://127.0.0.1:{port}/0"), Duration::from_secs(1)).await;
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    let store = redis_store(
+        format!("redis://127.0.0.1:{port}/0"),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     let t = now();
-    assert!(store.is_revoked(Some("x"), Some("y"), None, t).is_err(), "never a 'not revoked' before the first sync");
+    assert!(
+        store.is_revoked(Some("x"), Some("y"), None, t).is_err(),
+        "never a 'not revoked' before the first sync"
+    );
     assert!(store.revoke(&token("x", t + 60)).await.is_err());
     assert!(store.list(None, 10).await.is_err());
     assert!(store.ping().await.is_err());
@@ -425,7 +518,10 @@ async fn dropping_the_store_stops_its_subscriber() {
     drop(store);
     let start = Instant::now();
     while count() != 0 {
-        assert!(start.elapsed() < Duration::from_secs(3), "the subscriber outlived its store");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the subscriber outlived its store"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -293,7 +293,10 @@ impl RedisCluster {
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok");
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         RedisCluster {
@@ -306,7 +309,11 @@ impl RedisCluster {
 
     /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
     pub fn url(&self) -> String {
-        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         format!("redis-cluster://{}", nodes.join(","))
     }
 }
@@ -385,7 +392,8 @@ impl RedisSentinel {
                 };
                 field("num-slaves").as_deref() == Some("1")
                     && field("num-other-sentinels").as_deref() == Some("2")
-            }) && redis_cli(replica, &["info", "replication"]).contains("master_link_status:up");
+            }) && redis_cli(replica, &["info", "replication"])
+                .contains("master_link_status:up");
             if ready {
                 break;
             }
