@@ -85,7 +85,7 @@ fn close(actual: Duration, expected: Duration, what: &str) {
 async fn exactly_n_of_n_plus_k_concurrent_checks_are_allowed(limiter: Arc<dyn RateLimiter>) {
     let window = Duration::from_secs(60);
     assert_eq!(
-        burst(&[limiter.clone()], "burst-a", 45, 30, window).await,
+        burst(std::slice::from_ref(&limiter), "burst-a", 45, 30, window).await,
         30
     );
     // And nothing more in the same window.
