@@ -133,6 +133,15 @@ macro_rules! conformance {
                 }
             )*
         }
+        /// One cluster for the whole suite (the nonces differ between functions).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cluster_passes_the_suite() {
+            let cluster = support::redis::RedisCluster::start().await;
+            let store = redis_store(cluster.url()).await;
+            $(
+                $name(store.clone()).await;
+            )*
+        }
     };
 }
 

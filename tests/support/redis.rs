@@ -160,3 +160,280 @@ impl ReplyCutter {
         self.cut_next.store(true, Ordering::SeqCst);
     }
 }
+
+/// A port `p` such that both `p` and `p + 10000` (a cluster node's bus port) were free a moment
+/// ago, below the ephemeral range so that `p + 10000` is a valid port.
+pub fn free_cluster_port() -> u16 {
+    use std::sync::atomic::AtomicU16;
+    // Spread over the range by process id, so that test binaries running at once start apart.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    for _ in 0..2_000 {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % 10_000;
+        let port = 20_000 + (base - 20_000 + offset) % 10_000;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
+fn spawn_redis(args: &[&str]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run redis-server (is it installed?): {e}"))
+}
+
+/// `redis-cli -p port args...`, its stdout.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn wait_for_ping(port: u16) {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if answers_ping(addr).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("redis on port {port} did not answer PING");
+}
+
+/// Kills every child it holds when dropped.
+struct Children(Vec<(u16, Child)>);
+
+impl Children {
+    fn kill(&mut self, port: u16) {
+        if let Some(i) = self.0.iter().position(|(p, _)| *p == port) {
+            let (_, mut child) = self.0.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A real Redis Cluster of three masters (no replicas) on loopback, with its node files in a
+/// temporary directory. Killed when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    /// How long `start` took, from the first spawn to `cluster_state:ok` on every node.
+    pub started_in: Duration,
+    _children: Children,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let begin = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let mut children = Children(Vec::new());
+        for &port in &ports {
+            let p = port.to_string();
+            let nodes = dir.path().join(format!("nodes-{port}.conf"));
+            let child = spawn_redis(&[
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                nodes.to_str().unwrap(),
+                "--dir",
+                dir.path().to_str().unwrap(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]);
+            children.0.push((port, child));
+        }
+        for &port in &ports {
+            wait_for_ping(port).await;
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(nodes.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("cannot run redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = ports
+                .iter()
+                .all(|&p| redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok"));
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        RedisCluster {
+            ports,
+            started_in: begin.elapsed(),
+            _children: children,
+            _dir: dir,
+        }
+    }
+
+    /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis-cluster://{}", nodes.join(","))
+    }
+}
+
+/// One master, one replica (`--replicaof`) and three sentinels watching them as `mymaster`
+/// (quorum 2, down after 1 s, failover timeout 5 s), on loopback. Killed when dropped.
+pub struct RedisSentinel {
+    pub master: u16,
+    pub replica: u16,
+    pub sentinels: Vec<u16>,
+    /// How long `start` took, until every sentinel knew the replica and the other sentinels.
+    pub started_in: Duration,
+    children: Children,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub async fn start() -> RedisSentinel {
+        let begin = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let (master, replica) = (free_port(), free_port());
+        let mut children = Children(Vec::new());
+        let base = [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ];
+        let m = master.to_string();
+        let mut args = vec!["--port", &m];
+        args.extend(base);
+        children.0.push((master, spawn_redis(&args)));
+        wait_for_ping(master).await;
+        let r = replica.to_string();
+        let mut args = vec!["--port", &r, "--replicaof", "127.0.0.1", &m];
+        args.extend(base);
+        children.0.push((replica, spawn_redis(&args)));
+        wait_for_ping(replica).await;
+        let sentinels: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        for &port in &sentinels {
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel resolve-hostnames no\n\
+                     sentinel monitor mymaster 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 5000\n",
+                    dir.path().display()
+                ),
+            )
+            .unwrap();
+            let child = spawn_redis(&[conf.to_str().unwrap(), "--sentinel"]);
+            children.0.push((port, child));
+        }
+        for &port in &sentinels {
+            wait_for_ping(port).await;
+        }
+        // A failover needs the sentinels to know each other (they find out through hello
+        // messages every 2 s) and the replica to be in sync.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = sentinels.iter().all(|&s| {
+                let info = redis_cli(s, &["sentinel", "master", "mymaster"]);
+                let field = |name: &str| {
+                    let lines: Vec<&str> = info.lines().collect();
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .map(|v| v.to_string())
+                };
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            }) && redis_cli(replica, &["info", "replication"])
+                .contains("master_link_status:up");
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sentinels did not settle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        RedisSentinel {
+            master,
+            replica,
+            sentinels,
+            started_in: begin.elapsed(),
+            children,
+            _dir: dir,
+        }
+    }
+
+    /// `redis-sentinel://127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3/0?sentinelServiceName=mymaster`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis-sentinel://{}/0?sentinelServiceName=mymaster",
+            nodes.join(",")
+        )
+    }
+
+    /// SIGKILL the current master.
+    pub fn kill_master(&mut self) {
+        self.children.kill(self.master);
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn current_master(&self) -> Option<u16> {
+        let reply = redis_cli(
+            self.sentinels[0],
+            &["sentinel", "get-master-addr-by-name", "mymaster"],
+        );
+        reply.lines().nth(1)?.trim().parse().ok()
+    }
+}

@@ -1,0 +1,527 @@
+//! The revocation stores: one conformance suite run against memory, a real `redis-server` and
+//! a real three-master Redis Cluster, then what only the Redis mirror can get wrong: another
+//! replica's revocation, a Redis that dies (errors after `revocation_max_lag`, not before) and
+//! comes back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::config::{OnStoreError, StoreBackend, StoreConfig};
+use portcullis::store::{self, Revocation, RevocationStore};
+use support::redis::{free_port, RedisCluster, RedisServer};
+
+fn store_config(backend: StoreBackend, max_lag: Duration) -> StoreConfig {
+    StoreConfig {
+        backend,
+        on_error: OnStoreError::Deny,
+        timeout: Duration::from_millis(100),
+        revocation_max_lag: max_lag,
+    }
+}
+
+async fn memory_store() -> Arc<dyn RevocationStore> {
+    store::connect_all(&store_config(StoreBackend::Memory, Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .revocations
+}
+
+async fn redis_store(url: String, max_lag: Duration) -> Arc<dyn RevocationStore> {
+    store::connect_all(&store_config(StoreBackend::Redis { url }, max_lag))
+        .await
+        .expect("a redis url to 127.0.0.1 is valid")
+        .revocations
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn token(jti: &str, exp: i64) -> Revocation {
+    Revocation::Token {
+        jti: jti.to_owned(),
+        exp,
+    }
+}
+
+fn subject(sub: &str, before: i64) -> Revocation {
+    Revocation::Subject {
+        sub: sub.to_owned(),
+        before,
+    }
+}
+
+/// Waits until the store answers `is_revoked` (a Redis mirror's first sync), for at most 5 s.
+async fn wait_current(store: &Arc<dyn RevocationStore>) -> Duration {
+    let start = Instant::now();
+    while store.is_revoked(Some("probe"), None, None, now()).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the revocation store did not become current"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+// ---- the conformance suite: every function takes any store; ids differ between functions so
+// ---- that the cluster can run them all on one store ----
+
+async fn a_revoked_token_is_revoked_until_unrevoked(store: Arc<dyn RevocationStore>) {
+    wait_current(&store).await;
+    let t = now();
+    let exp = t + 3600;
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
+    store.revoke(&token("jti-a1", exp)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(true)
+    );
+    assert_eq!(store.is_revoked(Some("jti-a1"), None, None, t), Ok(true));
+    // Another jti of the same subject is not touched.
+    assert_eq!(
+        store.is_revoked(Some("jti-a2"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
+    assert_eq!(store.is_revoked(None, Some("alice"), None, t), Ok(false));
+
+    store.unrevoke(&token("jti-a1", exp)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(Some("jti-a1"), Some("alice"), Some(t), t),
+        Ok(false)
+    );
+    // Undoing something that is not there is not an error.
+    store.unrevoke(&token("jti-a1", exp)).await.unwrap();
+}
+
+async fn a_subject_revocation_covers_tokens_issued_before_and_tokens_without_iat(
+    store: Arc<dyn RevocationStore>,
+) {
+    wait_current(&store).await;
+    let t = now();
+    let before = t - 100;
+    store.revoke(&subject("bob", before)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before - 1), t),
+        Ok(true)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before), t),
+        Ok(false),
+        "iat == before is not covered"
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), Some(before + 1), t),
+        Ok(false)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bob"), None, t),
+        Ok(true),
+        "a token without iat cannot prove it is newer"
+    );
+    assert_eq!(store.is_revoked(None, Some("bob"), None, t), Ok(true));
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), Some("bobby"), None, t),
+        Ok(false)
+    );
+    assert_eq!(
+        store.is_revoked(Some("jti-b1"), None, Some(before - 1), t),
+        Ok(false)
+    );
+}
+
+async fn the_latest_before_wins_and_undo_leaves_a_later_one(store: Arc<dyn RevocationStore>) {
+    wait_current(&store).await;
+    let t = now();
+    store.revoke(&subject("carol", t - 100)).await.unwrap();
+    store.revoke(&subject("carol", t - 50)).await.unwrap();
+    // An earlier `before` posted later does not weaken the revocation.
+    store.revoke(&subject("carol", t - 200)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(true)
+    );
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 50), t),
+        Ok(false)
+    );
+
+    // Undoing the older one leaves the later one in force.
+    store.unrevoke(&subject("carol", t - 100)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(true)
+    );
+    // Undoing the latest one removes it.
+    store.unrevoke(&subject("carol", t - 50)).await.unwrap();
+    assert_eq!(
+        store.is_revoked(None, Some("carol"), Some(t - 60), t),
+        Ok(false)
+    );
+    assert_eq!(store.is_revoked(None, Some("carol"), None, t), Ok(false));
+
+    // For a jti the later exp is kept.
+    store.revoke(&token("jti-c1", t + 1000)).await.unwrap();
+    store.revoke(&token("jti-c1", t + 10)).await.unwrap();
+    let listed = list_all(&store, 100).await;
+    assert!(listed.contains(&token("jti-c1", t + 1000)), "{listed:?}");
+}
+
+async fn token_revocations_are_forgotten_after_their_exp(store: Arc<dyn RevocationStore>) {
+    wait_current(&store).await;
+    let t = now();
+    let grace = portcullis::store::revocation::TOKEN_REVOCATION_GRACE_SECS;
+    // Expired, but within the grace that covers the JWT leeway: still revoked.
+    store.revoke(&token("jti-d1", t - 10)).await.unwrap();
+    assert_eq!(store.is_revoked(Some("jti-d1"), None, None, t), Ok(true));
+    // Past its exp and the grace: forgotten, and not listed.
+    store
+        .revoke(&token("jti-d2", t - grace - 10))
+        .await
+        .unwrap();
+    assert_eq!(store.is_revoked(Some("jti-d2"), None, None, t), Ok(false));
+    // The same revocation, seen from later: forgotten too.
+    assert_eq!(
+        store.is_revoked(Some("jti-d1"), None, None, t + grace + 20),
+        Ok(false)
+    );
+    let listed = list_all(&store, 100).await;
+    assert!(listed.contains(&token("jti-d1", t - 10)), "{listed:?}");
+    assert!(
+        !listed
+            .iter()
+            .any(|r| matches!(r, Revocation::Token { jti, .. } if jti == "jti-d2")),
+        "{listed:?}"
+    );
+}
+
+/// Every page of `list`, checking that pages hold at most `limit` and never repeat.
+async fn list_all(store: &Arc<dyn RevocationStore>, limit: usize) -> Vec<Revocation> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let (page, next) = store.list(cursor.as_deref(), limit).await.unwrap();
+        assert!(page.len() <= limit);
+        for r in &page {
+            assert!(!all.contains(r), "{r:?} listed twice");
+        }
+        all.extend(page);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return all,
+        }
+    }
+    panic!("list never ended");
+}
+
+async fn list_pages_in_a_stable_order(store: Arc<dyn RevocationStore>) {
+    wait_current(&store).await;
+    let t = now();
+    let mut expected = Vec::new();
+    for i in (0..7).rev() {
+        let r = token(&format!("list-jti-{i}"), t + 1000 + i);
+        store.revoke(&r).await.unwrap();
+        expected.push(r);
+    }
+    for i in 0..4 {
+        let r = subject(&format!("list-sub-{i}"), t - i);
+        store.revoke(&r).await.unwrap();
+        expected.push(r);
+    }
+    let ours = |all: Vec<Revocation>| -> Vec<Revocation> {
+        all.into_iter()
+            .filter(|r| match r {
+                Revocation::Token { jti, .. } => jti.starts_with("list-jti-"),
+                Revocation::Subject { sub, .. } => sub.starts_with("list-sub-"),
+            })
+            .collect()
+    };
+    // Tokens first, then subjects, each sorted.
+    expected.sort_by_key(|r| match r {
+        Revocation::Token { jti, .. } => (0, jti.clone()),
+        Revocation::Subject { sub, .. } => (1, sub.clone()),
+    });
+    for limit in [1, 2, 3, 5, 100] {
+        assert_eq!(
+            ours(list_all(&store, limit).await),
+            expected,
+            "limit {limit}"
+        );
+    }
+    // A page of 3 starting after the second token.
+    let (first, next) = store.list(None, 1000).await.unwrap();
+    assert!(next.is_none());
+    assert_eq!(ours(first), expected);
+    // A revocation removed between pages is simply not on the later page.
+    let (page, cursor) = store.list(None, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    store.unrevoke(&token("list-jti-6", 0)).await.unwrap();
+    let mut rest = list_all_from(&store, cursor).await;
+    rest.extend(page);
+    assert!(!rest.contains(&expected[6]), "list-jti-6 was undone");
+}
+
+async fn list_all_from(
+    store: &Arc<dyn RevocationStore>,
+    mut cursor: Option<String>,
+) -> Vec<Revocation> {
+    let mut all = Vec::new();
+    while let Some(c) = cursor {
+        let (page, next) = store.list(Some(&c), 2).await.unwrap();
+        all.extend(page);
+        cursor = next;
+    }
+    all
+}
+
+async fn ping_answers_when_the_store_is_up(store: Arc<dyn RevocationStore>) {
+    wait_current(&store).await;
+    assert_eq!(store.ping().await, Ok(()));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::memory_store().await).await;
+                }
+            )*
+        }
+        mod redis {
+            use super::RedisServer;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let server = RedisServer::start().await;
+                    super::$name(super::redis_store(server.url(), std::time::Duration::from_secs(5)).await).await;
+                    drop(server);
+                }
+            )*
+        }
+        /// One cluster for the whole suite (a cluster takes a couple of seconds to start).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cluster_passes_the_suite() {
+            let cluster = RedisCluster::start().await;
+            eprintln!("cluster of 3 masters ready in {:?}", cluster.started_in);
+            let store = redis_store(cluster.url(), Duration::from_secs(5)).await;
+            eprintln!("cluster mirror current after {:?}", wait_current(&store).await);
+            $(
+                $name(store.clone()).await;
+            )*
+            // And a second replica on the same cluster sees the first one's revocations.
+            let other = redis_store(cluster.url(), Duration::from_secs(5)).await;
+            propagates(&store, &other, "jti-cluster-1").await;
+        }
+    };
+}
+
+conformance!(
+    a_revoked_token_is_revoked_until_unrevoked,
+    a_subject_revocation_covers_tokens_issued_before_and_tokens_without_iat,
+    the_latest_before_wins_and_undo_leaves_a_later_one,
+    token_revocations_are_forgotten_after_their_exp,
+    list_pages_in_a_stable_order,
+    ping_answers_when_the_store_is_up,
+);
+
+// ---- redis only ----
+
+/// Revokes `jti` on `a` and waits for `b` (only ever asked `is_revoked`, a local lookup) to
+/// see it, then the same for the undo. Returns both times; each must be under a second.
+async fn propagates(
+    a: &Arc<dyn RevocationStore>,
+    b: &Arc<dyn RevocationStore>,
+    jti: &str,
+) -> (Duration, Duration) {
+    wait_current(b).await;
+    let t = now();
+    assert_eq!(b.is_revoked(Some(jti), None, None, t), Ok(false));
+    let start = Instant::now();
+    a.revoke(&token(jti, t + 600)).await.unwrap();
+    while b.is_revoked(Some(jti), None, None, t) != Ok(true) {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the revocation did not reach the other replica within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let revoked = start.elapsed();
+    let start = Instant::now();
+    a.unrevoke(&token(jti, t + 600)).await.unwrap();
+    while b.is_revoked(Some(jti), None, None, t) != Ok(false) {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the undo did not reach the other replica within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let undone = start.elapsed();
+    eprintln!("propagation to the other replica: revoke {revoked:?}, unrevoke {undone:?}");
+    (revoked, undone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_rejects_the_token_on_another_within_a_second() {
+    let server = RedisServer::start().await;
+    let a = redis_store(server.url(), Duration::from_secs(5)).await;
+    let b = redis_store(server.url(), Duration::from_secs(5)).await;
+    for i in 0..5 {
+        propagates(&a, &b, &format!("jti-prop-{i}")).await;
+    }
+    // A subject revocation too.
+    let t = now();
+    a.revoke(&subject("dave", t)).await.unwrap();
+    let start = Instant::now();
+    while b.is_revoked(None, Some("dave"), Some(t - 1), t) != Ok(true) {
+        assert!(start.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_loads_the_revocations_made_before() {
+    let server = RedisServer::start().await;
+    let a = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&a).await;
+    let t = now();
+    a.revoke(&token("jti-early", t + 600)).await.unwrap();
+    a.revoke(&subject("erin", t)).await.unwrap();
+    let b = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&b).await;
+    assert_eq!(b.is_revoked(Some("jti-early"), None, None, t), Ok(true));
+    assert_eq!(b.is_revoked(None, Some("erin"), None, t), Ok(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_until_restarted() {
+    let max_lag = Duration::from_secs(1);
+    let mut server = RedisServer::start().await;
+    let a = redis_store(server.url(), max_lag).await;
+    let b = redis_store(server.url(), max_lag).await;
+    wait_current(&a).await;
+    wait_current(&b).await;
+    let t = now();
+    a.revoke(&token("jti-k1", t + 600)).await.unwrap();
+    let start = Instant::now();
+    while b.is_revoked(Some("jti-k1"), None, None, t) != Ok(true) {
+        assert!(start.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    server.kill();
+    let killed = Instant::now();
+    // Heartbeats go every max_lag / 4: the last confirmation is at most that old (plus a
+    // round trip), so for at least half the lag the mirror still answers, rightly.
+    let mut answered_until = Duration::ZERO;
+    let mut failed_at = None;
+    while killed.elapsed() < Duration::from_secs(3) {
+        match b.is_revoked(Some("jti-k1"), None, None, t) {
+            Ok(revoked) => {
+                assert!(revoked, "the mirror must keep the revocation");
+                assert_eq!(b.is_revoked(Some("jti-k2"), None, None, t), Ok(false));
+                assert!(
+                    failed_at.is_none(),
+                    "the mirror answered again after failing, with redis still down"
+                );
+                answered_until = killed.elapsed();
+            }
+            Err(_) => {
+                failed_at.get_or_insert(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failed_at = failed_at.expect("is_revoked never failed with redis down for 3 s");
+    eprintln!(
+        "redis killed: mirror answered for {answered_until:?}, failed closed from {failed_at:?}"
+    );
+    assert!(
+        answered_until >= max_lag / 2,
+        "the mirror failed before the lag: {answered_until:?}"
+    );
+    assert!(
+        failed_at <= max_lag + Duration::from_millis(100),
+        "the mirror answered past the lag: {failed_at:?}"
+    );
+    assert!(b.ping().await.is_err());
+    assert!(a.revoke(&token("jti-k3", t + 600)).await.is_err());
+
+    server.restart().await;
+    let restarted = Instant::now();
+    // The restarted redis is empty (no persistence): current again means it answers, and new
+    // revocations flow again.
+    wait_current(&b).await;
+    eprintln!(
+        "mirror current again {:?} after redis answered PING",
+        restarted.elapsed()
+    );
+    assert_eq!(b.is_revoked(Some("jti-k1"), None, None, t), Ok(false));
+    wait_current(&a).await;
+    propagates(&a, &b, "jti-k4").await;
+    assert_eq!(b.ping().await, Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_at_start_fails_closed_and_is_picked_up_later() {
+    let port = free_port();
+    let start = Instant::now();
+    let store = redis_store(
+        format!("redis://127.0.0.1:{port}/0"),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let t = now();
+    assert!(
+        store.is_revoked(Some("x"), Some("y"), None, t).is_err(),
+        "never a 'not revoked' before the first sync"
+    );
+    assert!(store.revoke(&token("x", t + 60)).await.is_err());
+    assert!(store.list(None, 10).await.is_err());
+    assert!(store.ping().await.is_err());
+
+    let _server = RedisServer::start_on(port).await;
+    let took = wait_current(&store).await;
+    eprintln!("a late redis picked up after {took:?}");
+    store.revoke(&token("x", t + 60)).await.unwrap();
+    assert_eq!(store.is_revoked(Some("x"), None, None, t), Ok(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_store_stops_its_subscriber() {
+    let server = RedisServer::start().await;
+    let count = || {
+        support::redis::redis_cli(server.port, &["pubsub", "numsub", "portcullis:revocations"])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let store = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&store).await;
+    assert_eq!(count(), 1);
+    drop(store);
+    let start = Instant::now();
+    while count() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the subscriber outlived its store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
