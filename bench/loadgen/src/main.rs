@@ -366,7 +366,7 @@ fn report(cli: &Cli, url: &str, threads: usize, o: &run::Outcome, cpu: Option<f6
             "requests_per_s": rps,
             "status_2xx": two_xx,
             "non_2xx": non_2xx,
-            "status": s.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<serde_json::Map<_, _>>(),
+            "status": s.status.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
             "errors": errors,
             "error_kinds": s.errors,
             "sent": o.sent,
