@@ -205,7 +205,10 @@ fn run_config(cli: &Cli, url: &str) -> anyhow::Result<run::RunConfig> {
         _ => bail!("the URL must start with http:// or https://"),
     };
     let authority = uri.authority().context("the URL has no host")?.clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = (host, port)
         .to_socket_addrs()

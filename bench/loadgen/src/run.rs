@@ -220,6 +220,20 @@ async fn one_request(
     result
 }
 
+/// tokio's timer has a 1 ms granularity and rounds up, which would add up to ~1 ms of the
+/// load generator's own lateness to every fixed-rate latency. So: sleep until about 1.5 ms before
+/// the due time, then yield to the other tasks until it has come (a busy wait of up to ~1.5 ms
+/// per request: the load generator's CPU use is high in fixed-rate mode).
+async fn wait_until(due: Instant) {
+    let coarse = due.checked_sub(Duration::from_micros(1500));
+    if let Some(coarse) = coarse.filter(|c| *c > Instant::now()) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    while Instant::now() < due {
+        tokio::task::yield_now().await;
+    }
+}
+
 struct Shared {
     next: AtomicU64,
     sent: AtomicU64,
@@ -247,7 +261,7 @@ async fn worker(
                 if due >= end {
                     break;
                 }
-                tokio::time::sleep_until(due).await;
+                wait_until(due).await;
                 due
             }
             None => {

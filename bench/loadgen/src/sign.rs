@@ -135,7 +135,14 @@ mod tests {
             let ts = v["ts"].as_u64().expect("ts");
             let body_hash = body_sha256_hex(s("body").as_bytes());
             assert_eq!(body_hash, s("body_sha256"), "{name}: body hash");
-            let sts = string_to_sign(s("method"), s("target"), s("host"), ts, s("nonce"), &body_hash);
+            let sts = string_to_sign(
+                s("method"),
+                s("target"),
+                s("host"),
+                ts,
+                s("nonce"),
+                &body_hash,
+            );
             assert_eq!(sts, s("string_to_sign"), "{name}: string to sign");
             let sig = sign(alg, s("secret").as_bytes(), sts.as_bytes());
             assert_eq!(sig, s("signature"), "{name}: signature");

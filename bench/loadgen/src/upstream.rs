@@ -20,7 +20,10 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 
 pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    eprintln!("loadgen upstream: listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "loadgen upstream: listening on http://{}",
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
