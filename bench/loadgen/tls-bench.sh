@@ -30,9 +30,12 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
+# OpenSSL 3 marks a self-signed certificate CA:TRUE by default, and webpki refuses a CA
+# certificate as the server's own (CaUsedAsEndEntity): hence basicConstraints CA:FALSE.
 if [ ! -f c.pem ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout k.pem -out c.pem -days 30 2>/dev/null
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE -keyout k.pem -out c.pem -days 30 2>/dev/null
 fi
 
 for mode in tls plain; do

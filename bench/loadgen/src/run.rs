@@ -131,7 +131,10 @@ async fn connect(cfg: &RunConfig) -> anyhow::Result<(Sender, Option<TlsInfo>)> {
             .context("TLS handshake")?;
         let conn = stream.get_ref().1;
         let info = TlsInfo {
-            version: format!("{:?}", conn.protocol_version()),
+            version: conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
             suite: conn
                 .negotiated_cipher_suite()
                 .map(|s| format!("{:?}", s.suite()))
