@@ -76,10 +76,10 @@ http {
 }
 NGINX
   taskset -c "$CLIENT_CPU" nginx -c "$DIR/nginx.conf" -g 'daemon off;' &
-  pids+=($!)
+  up_pid=$!; pids+=($up_pid)
 else
   taskset -c "$CLIENT_CPU" "$LOADGEN" --serve-upstream 127.0.0.1:8000 --threads 1 &
-  pids+=($!)
+  up_pid=$!; pids+=($up_pid)
 fi
 
 taskset -c "$SERVER_CPU" "$PORTCULLIS" proxy --config portcullis-tls.toml > portcullis-tls.log 2>&1 &
@@ -88,18 +88,42 @@ taskset -c "$SERVER_CPU" "$PORTCULLIS" proxy --config portcullis-plain.toml > po
 plain_pid=$!; pids+=($plain_pid)
 sleep 2
 
-cpu_of() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
+# user+sys CPU seconds of a process and its children still running (nginx's worker).
+cpu_of() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do
+    total=$(awk -v t="$total" '{ print t + ($14 + $15) / 100 }' "/proc/$p/stat")
+  done
+  echo "$total"
+}
 
 measure() { # name pid args...
   local name=$1 pid=$2; shift 2
   echo "=== $name"
   echo "uptime before: $(uptime)"
-  local before; before=$(cpu_of "$pid")
-  echo "+ taskset -c $CLIENT_CPU loadgen $*"
+  local before up_before; before=$(cpu_of "$pid"); up_before=$(cpu_of "$up_pid")
+  echo "+ taskset -c $CLIENT_CPU loadgen --threads 1 $* $EXTRA"
+  # A snapshot of what else runs, half-way through.
+  ( sleep 5; echo "--- top, 5 s in:"; top -b -n1 -w 160 | sed -n '1,4p;7,14p' ) > "$DIR/top.txt" &
+  local top_pid=$!
   # shellcheck disable=SC2086
-  taskset -c "$CLIENT_CPU" "$LOADGEN" --threads 1 "$@" $EXTRA
-  local after; after=$(cpu_of "$pid")
-  echo "portcullis CPU over the run: $(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }') s"
+  taskset -c "$CLIENT_CPU" "$LOADGEN" --threads 1 "$@" $EXTRA --json > "$DIR/last.json"
+  local after up_after; after=$(cpu_of "$pid"); up_after=$(cpu_of "$up_pid")
+  wait "$top_pid"
+  python3 - "$DIR/last.json" "$before" "$after" "$up_before" "$up_after" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+b, a, ub, ua = map(float, sys.argv[2:6])
+l = r["latency_ms"]
+print(f"requests/s {r['requests_per_s']:.0f}  ({r['requests']} in {r['elapsed_s']:.2f} s; non-2xx {r['non_2xx']}, errors {r['errors']}, connections opened {r['connects']})")
+if "tls" in r:
+    t = r["tls"]; print(f"TLS {t['version']} {t['suite']} {t['group']} resumption={t['resumption']} verify={t['verify']}")
+print(f"latency ms p50 {l['p50']:.3f} p90 {l['p90']:.3f} p99 {l['p99']:.3f} p99.9 {l['p99_9']:.3f} max {l['max']:.3f}")
+n = max(r["requests"], 1); s = r["elapsed_s"]
+print(f"CPU s (share of one core): portcullis {a-b:.2f} ({(a-b)/s:.0%}), upstream {ua-ub:.2f} ({(ua-ub)/s:.0%}), loadgen {r['loadgen_cpu_s']:.2f} ({r['loadgen_cpu_share']:.0%})")
+print(f"portcullis CPU per request: {(a-b)/n*1e6:.1f} us -> {n/(a-b) if a > b else 0:.0f} req/s per fully used core")
+PY
+  cat "$DIR/top.txt"
   echo "uptime after: $(uptime)"
   echo
 }
@@ -113,6 +137,9 @@ measure "(1) full TLS 1.3 handshakes, new connection per request" $tls_pid \
   --new-connection-per-request -c "$HS_CONNS" -d "$DURATION"
 measure "(1b) same, client-side certificate and signature checks off" $tls_pid \
   --url https://localhost:8443/public --tls-insecure-no-verify --tls-version 1.3 \
+  --new-connection-per-request -c "$HS_CONNS" -d "$DURATION"
+measure "(1c) resumed TLS 1.3 handshakes (session tickets), new connection per request" $tls_pid \
+  --url https://localhost:8443/public --tls-ca c.pem --tls-version 1.3 --tls-resume \
   --new-connection-per-request -c "$HS_CONNS" -d "$DURATION"
 measure "(2) keep-alive over TLS 1.3" $tls_pid \
   --url https://localhost:8443/public --tls-ca c.pem --tls-version 1.3 -c "$CONNS" -d "$DURATION"
