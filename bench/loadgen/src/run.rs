@@ -1,8 +1,8 @@
 //! The load itself: N HTTP/1.1 connections (hyper 1 client connections over tokio, plain or
 //! rustls), each a task. Closed loop: a connection sends its next request when the previous
 //! answer has arrived, and latency runs from the send. Fixed rate: request i is due at
-//! start + i/R, the first free connection takes the next due request and waits for its time,
-//! and latency runs from the due time, so time spent queued behind busy connections counts
+//! start + i/R (released by a pacer thread), the first free connection takes the next released
+//! request, and latency runs from the due time, so time spent queued behind busy connections counts
 //! (no coordinated omission, as in wrk2).
 
 use std::collections::BTreeMap;
@@ -223,28 +223,40 @@ async fn one_request(
     result
 }
 
-/// tokio's timer has a 1 ms granularity and rounds up, which would add up to ~1 ms of the
-/// load generator's own lateness to every fixed-rate latency. So: sleep until about 1.5 ms before
-/// the due time, then yield to the other tasks until it has come (a busy wait of up to ~1.5 ms
-/// per request: the load generator's CPU use is high in fixed-rate mode).
-async fn wait_until(due: Instant) {
-    let coarse = due.checked_sub(Duration::from_micros(1500));
-    if let Some(coarse) = coarse.filter(|c| *c > Instant::now()) {
-        tokio::time::sleep_until(coarse).await;
-    }
-    while Instant::now() < due {
-        tokio::task::yield_now().await;
+/// The fixed-rate schedule: a plain OS thread (std's sleep has microsecond precision, tokio's
+/// timer only 1 ms) releases request i at start + i/R into a queue; a connection that is free
+/// takes the next released request. When the pacer wakes late it releases every request that is
+/// due at once. Returns how many requests were due before the end.
+fn pacer(
+    rate: f64,
+    start: std::time::Instant,
+    end: std::time::Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
+) -> u64 {
+    let mut i: u64 = 0;
+    loop {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        if due >= end {
+            return i;
+        }
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+            continue;
+        }
+        if tx.send(due).is_err() {
+            return i;
+        }
+        i += 1;
     }
 }
 
-struct Shared {
-    next: AtomicU64,
-    sent: AtomicU64,
-}
+type Schedule = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>>>;
 
 async fn worker(
     cfg: Arc<RunConfig>,
-    shared: Arc<Shared>,
+    schedule: Option<Schedule>,
+    sent: Arc<AtomicU64>,
     mut slot: Option<Sender>,
     start: Instant,
     seed: u64,
@@ -253,19 +265,16 @@ async fn worker(
     let mut rng = SmallRng::seed_from_u64(seed);
     let end = start + cfg.duration;
     loop {
-        let from = match cfg.rate {
-            Some(rate) => {
-                let now = Instant::now();
-                if now >= end {
+        let from = match &schedule {
+            Some(schedule) => {
+                // The next released request, in order; None once the pacer has stopped.
+                let due = schedule.lock().await.recv().await;
+                let Some(due) = due else { break };
+                if Instant::now() >= end {
+                    // Due before the end but not sent by then: counted as backlog.
                     break;
                 }
-                let i = shared.next.fetch_add(1, Ordering::Relaxed);
-                let due = start + Duration::from_secs_f64(i as f64 / rate);
-                if due >= end {
-                    break;
-                }
-                wait_until(due).await;
-                due
+                Instant::from_std(due)
             }
             None => {
                 let now = Instant::now();
@@ -275,7 +284,7 @@ async fn worker(
                 now
             }
         };
-        shared.sent.fetch_add(1, Ordering::Relaxed);
+        sent.fetch_add(1, Ordering::Relaxed);
         let result = tokio::time::timeout(
             cfg.timeout,
             one_request(&cfg, &mut slot, &mut stats, &mut rng),
@@ -319,11 +328,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
             initial.push(Some(connect(&cfg).await?.0));
         }
     }
-    let shared = Arc::new(Shared {
-        next: AtomicU64::new(0),
-        sent: AtomicU64::new(0),
-    });
+    let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let (schedule, pacer_thread) = match cfg.rate {
+        Some(rate) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (s, e) = (start.into_std(), (start + cfg.duration).into_std());
+            let thread = std::thread::Builder::new()
+                .name("pacer".into())
+                .spawn(move || pacer(rate, s, e, tx))?;
+            (Some(Arc::new(tokio::sync::Mutex::new(rx))), Some(thread))
+        }
+        None => (None, None),
+    };
     let seed: u64 = rand::random();
     let tasks: Vec<_> = initial
         .into_iter()
@@ -331,7 +348,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         .map(|(i, slot)| {
             tokio::spawn(worker(
                 cfg.clone(),
-                shared.clone(),
+                schedule.clone(),
+                sent.clone(),
                 slot,
                 start,
                 seed.wrapping_add(i as u64),
@@ -347,9 +365,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         .map(|d| d - start)
         .unwrap_or(cfg.duration)
         .max(cfg.duration);
-    let sent = shared.sent.load(Ordering::Relaxed);
-    let due_not_sent = match cfg.rate {
-        Some(rate) => ((cfg.duration.as_secs_f64() * rate).ceil() as u64).saturating_sub(sent),
+    let sent = sent.load(Ordering::Relaxed);
+    let due_not_sent = match pacer_thread {
+        Some(thread) => thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?
+            .saturating_sub(sent),
         None => 0,
     };
     Ok(Outcome {
