@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Side by side (issue 6): portcullis against nginx proxy_pass and HAProxy 2.6 (plain and
+# jwt_verify RS256 + exp/iss/aud), one worker thread each, in one run with alternating rounds.
+#
+#   bash bench/compare.sh                          # full run: DURATION=10s ROUNDS=3
+#   DURATION=2s ROUNDS=1 nice -n 10 bash bench/compare.sh   # a smoke test
+#
+# Environment (defaults in brackets):
+#   PORTCULLIS [target-release/release/portcullis of this worktree]   the proxy's release binary
+#   LOADGEN [bench/loadgen/target/release/loadgen] (built when missing)
+#   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i"]
+#   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i)); RATE=0 skips it
+#   MEM [1]      RSS with 1,000 idle keep-alive connections and a full verified cache
+#   WRK [1]      one wrk reference round of the plain targets (a, b, c, e)
+#   PORT_BASE [27100]  ports PORT_BASE .. PORT_BASE+40 on 127.0.0.1 must be free
+#   DIR [/tmp/portcullis-compare]  work files; OUT [bench/results] report and raw JSON
+#
+# Cores (nproc = 2): every proxy on CPU 0, the upstream nginx, the load generator and Redis on
+# CPU 1 (taskset). Installs nginx-light, haproxy, wrk, redis-server with apt when missing.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TPL=$HERE/compare
+PORTCULLIS=${PORTCULLIS:-$ROOT/target-release/release/portcullis}
+LOADGEN=${LOADGEN:-$HERE/loadgen/target/release/loadgen}
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+TOKENS=${TOKENS:-200000}
+TARGETS=${TARGETS:-"a b c d e f g h i"}
+RATE=${RATE:-5000}
+RATE_ROUNDS=${RATE_ROUNDS:-$ROUNDS}
+MEM=${MEM:-1}
+WRK=${WRK:-1}
+PORT_BASE=${PORT_BASE:-27100}
+DIR=${DIR:-/tmp/portcullis-compare}
+OUT=${OUT:-$HERE/results}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+ISS=https://auth.bench.example
+AUD=api_clients
+KID=bench-rsa-1
+export COMPARE_SIG_SECRET=compare-bench-secret-0123456789abcdef
+
+STAMP=$(date -u +%Y-%m-%d-%H%M)
+REPORT=$OUT/compare-$STAMP.md
+RAW=$OUT/compare-$STAMP-raw
+mkdir -p "$DIR" "$DIR/nginx-tmp" "$RAW"
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+
+# ---- what is missing -------------------------------------------------------------------------
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing: ${need[*]}"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+fi
+[ -x "$PORTCULLIS" ] || { echo "no portcullis binary at $PORTCULLIS (build it with cargo build --release)" >&2; exit 1; }
+if [ ! -x "$LOADGEN" ]; then
+  log "building the load generator"
+  (cd "$HERE/loadgen" && CARGO_TARGET_DIR=$PWD/target cargo build --release)
+fi
+
+# ---- ports -----------------------------------------------------------------------------------
+UP_PORT=$((PORT_BASE + 0))
+NGINX_PORT=$((PORT_BASE + 1))
+HA_PLAIN_PORT=$((PORT_BASE + 2))
+HA_JWT_PORT=$((PORT_BASE + 3))
+REDIS_PORT=$((PORT_BASE + 4))
+# portcullis: e f g h i mem -> listen PORT_BASE+10.., admin PORT_BASE+30..
+for p in $(seq "$PORT_BASE" $((PORT_BASE + 40))); do
+  if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use; set PORT_BASE" >&2; exit 1; fi
+done
+
+# ---- processes -------------------------------------------------------------------------------
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fill() { # template -> stdout, with @KEY@ replaced by the KEY=value arguments
+  local tpl=$1; shift
+  local args=(-e "s|@DIR@|$DIR|g" -e "s|@UP_PORT@|$UP_PORT|g" -e "s|@ISS@|$ISS|g" -e "s|@AUD@|$AUD|g")
+  local kv
+  for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+  sed "${args[@]}" "$tpl"
+}
+
+# user+sys CPU seconds of a process and its children (nginx master + worker).
+cpu_of() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do
+    [ -r "/proc/$p/stat" ] || continue
+    total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + ($12 + $13) / 100 }' "/proc/$p/stat")
+  done
+  echo "$total"
+}
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+wait_port() { # port
+  local i
+  for i in $(seq 100); do
+    if ss -Hltn "sport = :$1" | grep -q .; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2; exit 1
+}
+
+# ---- keys and tokens -------------------------------------------------------------------------
+cd "$DIR"
+if [ ! -f key.pem ]; then
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out key.pem 2>/dev/null   # PKCS#8
+fi
+openssl pkey -in key.pem -pubout -out pub.pem
+modulus=$(openssl rsa -pubin -in pub.pem -noout -modulus | cut -d= -f2)
+exponent=$(openssl rsa -pubin -in pub.pem -noout -text | awk '/^Exponent/ { print $2 }')
+python3 - "$modulus" "$exponent" "$KID" > jwks.json <<'PY'
+import base64, json, sys
+n = bytes.fromhex(sys.argv[1])
+e = int(sys.argv[2]); e = e.to_bytes((e.bit_length() + 7) // 8, "big")
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+print(json.dumps({"keys": [{"kty": "RSA", "kid": sys.argv[3], "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(e)}]}))
+PY
+
+# Minted tokens are reused while they have more than 40 minutes left (minting 200,000 RS256
+# tokens takes a few minutes of one core).
+if [ ! -f tokens.txt ] || [ "$(wc -l < tokens.txt)" -lt "$TOKENS" ] || [ -n "$(find tokens.txt -mmin +20)" ]; then
+  log "minting $TOKENS RS256 tokens (exp 1 h ahead), half on each core"
+  half=$(( (TOKENS + 1) / 2 ))
+  mint_pids=()
+  for k in 0 1; do
+    taskset -c "$k" "$LOADGEN" --mint-tokens "$half" --rs256-key key.pem --iss "$ISS" \
+      --aud "$AUD" --kid "$KID" --sub-prefix "bench-$k-" --permissions read:data,write:data \
+      --ttl 1h --out "tokens-part$k.txt" > /dev/null &
+    mint_pids+=($!); pids+=($!)
+  done
+  for p in "${mint_pids[@]}"; do wait "$p"; done
+  cat tokens-part0.txt tokens-part1.txt > tokens.txt
+  rm -f tokens-part0.txt tokens-part1.txt
+fi
+head -n 100 tokens.txt > tokens-100.txt
+head -n 10000 tokens.txt > tokens-10k.txt
+
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+[ -f key-other.pem ] || openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out key-other.pem 2>/dev/null
+mint_openssl() { # iss aud iat exp [key] -> an RS256 token signed with key.pem (or key)
+  local h p s
+  h=$(printf '{"alg":"RS256","typ":"JWT","kid":"%s"}' "$KID" | b64url)
+  p=$(printf '{"iss":"%s","aud":"%s","sub":"bench-x","iat":%d,"exp":%d,"jti":"x-%s","permissions":["read:data"]}' \
+    "$1" "$2" "$3" "$4" "$RANDOM" | b64url)
+  s=$(printf '%s.%s' "$h" "$p" | openssl dgst -sha256 -sign "${5:-key.pem}" -binary | b64url)
+  echo "$h.$p.$s"
+}
+now=$(date +%s)
+GOOD=$(head -n 1 tokens.txt)
+GOOD_OSSL=$(mint_openssl "$ISS" "$AUD" "$now" $((now + 3600)))
+EXPIRED=$(mint_openssl "$ISS" "$AUD" $((now - 7200)) $((now - 3600)))
+WRONG_ISS=$(mint_openssl "https://evil.example" "$AUD" "$now" $((now + 3600)))
+WRONG_AUD=$(mint_openssl "$ISS" "other_clients" "$now" $((now + 3600)))
+OTHER_KEY=$(mint_openssl "$ISS" "$AUD" "$now" $((now + 3600)) key-other.pem)
+sig=${GOOD##*.}
+c=${sig:40:1}; if [ "$c" = A ]; then r=B; else r=A; fi
+BAD_SIG=${GOOD%.*}.${sig:0:40}$r${sig:41}
+
+# ---- servers ---------------------------------------------------------------------------------
+fill "$TPL/nginx-upstream.conf" > nginx-upstream.conf
+taskset -c "$CLIENT_CPU" nginx -c "$DIR/nginx-upstream.conf" -g 'daemon off;' &
+UP_PID=$!; pids+=($UP_PID)
+
+fill "$TPL/nginx-proxy.conf" PORT=$NGINX_PORT > nginx-proxy.conf
+taskset -c "$SERVER_CPU" nginx -c "$DIR/nginx-proxy.conf" -g 'daemon off;' &
+NGINX_PID=$!; pids+=($NGINX_PID)
+
+fill "$TPL/haproxy.cfg" PLAIN_PORT=$HA_PLAIN_PORT JWT_PORT=$HA_JWT_PORT > haproxy.cfg
+haproxy -c -q -f haproxy.cfg
+taskset -c "$SERVER_CPU" haproxy -db -f haproxy.cfg > haproxy.log 2>&1 &
+HA_PID=$!; pids+=($HA_PID)
+
+taskset -c "$CLIENT_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+  --appendonly no --daemonize no --logfile "$DIR/redis.log" &
+REDIS_PID=$!; pids+=($REDIS_PID)
+wait_port "$REDIS_PORT"
+
+declare -A PC_PORT PC_PID PC_ADMIN
+start_portcullis() { # name index cache store
+  local name=$1 i=$2 cache=$3 store=$4 url_line=""
+  [ "$store" = redis ] && url_line="url = \"redis://127.0.0.1:$REDIS_PORT/0\""
+  PC_PORT[$name]=$((PORT_BASE + 10 + i)); PC_ADMIN[$name]=$((PORT_BASE + 30 + i))
+  fill "$TPL/portcullis.toml" PORT=${PC_PORT[$name]} ADMIN_PORT=${PC_ADMIN[$name]} \
+    CACHE="$cache" STORE="$store" STORE_URL="$url_line" > "portcullis-$name.toml"
+  "$PORTCULLIS" check-config "portcullis-$name.toml" > /dev/null
+  taskset -c "$SERVER_CPU" "$PORTCULLIS" proxy --config "portcullis-$name.toml" > "portcullis-$name.log" 2>&1 &
+  PC_PID[$name]=$!; pids+=(${PC_PID[$name]})
+}
+start_portcullis e 0 0 memory       # (e) public route
+start_portcullis f 1 0 memory       # (f) JWT, cache off
+start_portcullis g 2 10000 memory   # (g) JWT, cache on, repeated tokens
+start_portcullis h 3 0 memory       # (h) JWT + signature, memory nonces
+start_portcullis i 4 0 redis        # (i) JWT + signature, Redis nonces
+for p in $UP_PORT $NGINX_PORT $HA_PLAIN_PORT $HA_JWT_PORT ${PC_PORT[e]} ${PC_PORT[f]} ${PC_PORT[g]} ${PC_PORT[h]} ${PC_PORT[i]}; do
+  wait_port "$p"
+done
+wait_ready() { # name: /readyz 200 within 20 s (the Redis revocation mirror syncs first)
+  local i
+  for i in $(seq 200); do
+    curl -fsS -o /dev/null "http://127.0.0.1:${PC_ADMIN[$1]}/readyz" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "portcullis ($1) not ready" >&2; cat "portcullis-$1.log" >&2; exit 1
+}
+for n in e f g h i; do wait_ready "$n"; done
+
+# ---- targets ---------------------------------------------------------------------------------
+declare -A NAME URL ARGS PID
+NAME[a]="direct upstream (nginx return 200)";    URL[a]=http://127.0.0.1:$UP_PORT/public;        ARGS[a]="";  PID[a]=$UP_PID
+NAME[b]="nginx proxy_pass";                      URL[b]=http://127.0.0.1:$NGINX_PORT/public;     ARGS[b]="";  PID[b]=$NGINX_PID
+NAME[c]="HAProxy plain";                         URL[c]=http://127.0.0.1:$HA_PLAIN_PORT/public;  ARGS[c]="";  PID[c]=$HA_PID
+NAME[d]="HAProxy jwt_verify RS256 + exp/iss/aud"; URL[d]=http://127.0.0.1:$HA_JWT_PORT/api/jwt;  ARGS[d]="--tokens $DIR/tokens.txt"; PID[d]=$HA_PID
+NAME[e]="portcullis public route";               URL[e]=http://127.0.0.1:${PC_PORT[e]}/public;   ARGS[e]="";  PID[e]=${PC_PID[e]}
+NAME[f]="portcullis JWT RS256, unique tokens, verified_cache = 0"; URL[f]=http://127.0.0.1:${PC_PORT[f]}/api/jwt; ARGS[f]="--tokens $DIR/tokens.txt"; PID[f]=${PC_PID[f]}
+NAME[g]="portcullis JWT RS256, cache on, 100 repeated tokens";    URL[g]=http://127.0.0.1:${PC_PORT[g]}/api/jwt; ARGS[g]="--tokens $DIR/tokens-100.txt"; PID[g]=${PC_PID[g]}
+SIGN="--sign-key-id bench-1 --sign-secret-env COMPARE_SIG_SECRET"
+NAME[h]="portcullis JWT (unique, cache 0) + signature, memory nonces"; URL[h]=http://127.0.0.1:${PC_PORT[h]}/api/jwtsig; ARGS[h]="--tokens $DIR/tokens.txt $SIGN"; PID[h]=${PC_PID[h]}
+NAME[i]="portcullis JWT (unique, cache 0) + signature, Redis nonces";  URL[i]=http://127.0.0.1:${PC_PORT[i]}/api/jwtsig; ARGS[i]="--tokens $DIR/tokens.txt $SIGN"; PID[i]=${PC_PID[i]}
+
+# ---- correctness before speed ----------------------------------------------------------------
+check() { # label expected-codes url [curl args...]
+  local label=$1 want=$2 url=$3; shift 3
+  local got; got=$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url")
+  if [[ " $want " != *" $got "* ]]; then echo "CHECK FAILED: $url $* -> $got (want $want)" >&2; exit 1; fi
+  echo "  $got  $url  $label" >&2
+}
+log "checks (curl): good token 200; expired, wrong iss, wrong aud, bad signature, none 401/403"
+for t in d f g; do
+  check "($t) loadgen token" 200 "${URL[$t]}" -H "Authorization: Bearer $GOOD"
+  check "($t) openssl token" 200 "${URL[$t]}" -H "Authorization: Bearer $GOOD_OSSL"
+  check "($t) expired" "401 403" "${URL[$t]}" -H "Authorization: Bearer $EXPIRED"
+  check "($t) wrong iss" "401 403" "${URL[$t]}" -H "Authorization: Bearer $WRONG_ISS"
+  check "($t) wrong aud" "401 403" "${URL[$t]}" -H "Authorization: Bearer $WRONG_AUD"
+  check "($t) bad signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $BAD_SIG"
+  check "($t) signed by another key" "401 403" "${URL[$t]}" -H "Authorization: Bearer $OTHER_KEY"
+  check "($t) no token" "401 403" "${URL[$t]}"
+done
+for t in h i; do
+  check "($t) token, no signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $GOOD"
+  check "($t) token, wrong signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $GOOD" \
+    -H 'X-Signature: Signature v1, keyId="bench-1", ts="'"$now"'", nonce="abcdefghijklmnopqrst", signature="'"$(printf '0%.0s' $(seq 64))"'"'
+done
+for t in a b c e; do check "($t) plain" 200 "${URL[$t]}"; done
+{
+  echo "curl checks passed at $(date -u +%FT%TZ): (d) (f) (g): loadgen token 200, openssl-made token 200;"
+  echo "expired, wrong iss, wrong aud, altered signature, signed by another RSA key, no token: 401/403. (h) (i): token without or with a wrong signature: 401/403."
+} > "$RAW/checks.txt"
+
+# ---- measurement -----------------------------------------------------------------------------
+lg() { # target extra-args... -> loadgen JSON on stdout
+  local t=$1; shift
+  # shellcheck disable=SC2086
+  taskset -c "$CLIENT_CPU" "$LOADGEN" --threads 1 --url "${URL[$t]}" ${ARGS[$t]} "$@" --json
+}
+
+log "warm-up (2 s each, not reported)"
+for t in $TARGETS; do lg "$t" -c "$CONNS" -d 2s > "$DIR/warm-$t.json"; done
+
+TSV=$RAW/runs.tsv; : > "$TSV"
+for r in $(seq "$ROUNDS"); do
+  log "round $r of $ROUNDS, load average $(loadavg)"
+  for t in $TARGETS; do
+    load=$(loadavg)
+    before=$(cpu_of "${PID[$t]}")
+    f=$RAW/r$r-$t.json
+    lg "$t" -c "$CONNS" -d "$DURATION" > "$f"
+    after=$(cpu_of "${PID[$t]}")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$f" "$load" "$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" >> "$TSV"
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latency_ms"]; print("  (%s) %.0f req/s  p50 %.3f  p99 %.3f ms  non-2xx %d errors %d" % (sys.argv[2], r["requests_per_s"], l["p50"], l["p99"], r["non_2xx"], r["errors"]))' "$f" "$t" >&2
+  done
+done
+
+names=(); for t in $TARGETS; do names+=("$t=${NAME[$t]}"); done
+TABLE=$(python3 "$TPL/report.py" "$TSV" "${names[@]}")
+
+# ---- (1) p99 added at a fixed rate -----------------------------------------------------------
+RATE_MD=""
+if [ "$RATE" != 0 ]; then
+  log "fixed rate $RATE/s: direct upstream vs (i), $RATE_ROUNDS rounds"
+  RATE_MD="| round | load before | direct p50 / p99 / p99.9 ms | (i) p50 / p99 / p99.9 ms | p99 added ms | due not sent (direct / i) | non-2xx (direct / i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- |"
+  added=()
+  for r in $(seq "$RATE_ROUNDS"); do
+    load=$(loadavg)
+    lg a -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/rate-r$r-a.json"
+    lg i -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/rate-r$r-i.json"
+    line=$(python3 - "$RAW/rate-r$r-a.json" "$RAW/rate-r$r-i.json" "$r" "$load" <<'PY'
+import json, sys
+a, i = (json.load(open(p)) for p in sys.argv[1:3])
+la, li = a["latency_ms"], i["latency_ms"]
+print(f"{li['p99'] - la['p99']:.3f}\t| {sys.argv[3]} | {sys.argv[4]} | {la['p50']:.3f} / {la['p99']:.3f} / {la['p99_9']:.3f} | "
+      f"{li['p50']:.3f} / {li['p99']:.3f} / {li['p99_9']:.3f} | {li['p99'] - la['p99']:.3f} | {a['due_not_sent']} / {i['due_not_sent']} | "
+      f"{a['non_2xx'] + a['errors']} / {i['non_2xx'] + i['errors']} |")
+PY
+)
+    added+=("${line%%$'\t'*}")
+    RATE_MD+=$'\n'"${line#*$'\t'}"
+    log "  rate round $r: p99 added ${line%%$'\t'*} ms"
+  done
+  med=$(printf '%s\n' "${added[@]}" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+  RATE_MD+=$'\n\n'"Median p99 added by portcullis (i) at $RATE req/s: **$med ms** (acceptance: below 1 ms)."
+fi
+
+# ---- (2) memory ------------------------------------------------------------------------------
+MEM_MD=""
+if [ "$MEM" = 1 ]; then
+  log "memory: fresh portcullis, verified_cache = 10000, 10,000 distinct tokens, 1,000 idle connections"
+  start_portcullis mem 5 10000 memory
+  wait_port "${PC_PORT[mem]}"; wait_ready mem
+  mp=${PC_PID[mem]}
+  URL[mem]=http://127.0.0.1:${PC_PORT[mem]}/api/jwt; ARGS[mem]="--tokens $DIR/tokens-10k.txt"
+  sleep 1
+  rss0=$(rss_kib "$mp")
+  # Round-robin over the 10,000 tokens: one run sends each at least once when it has >= 10,000 requests.
+  lg mem -c "$CONNS" -d 3s > "$RAW/mem-tokens.json"
+  sent=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["requests"], r["non_2xx"] + r["errors"])' "$RAW/mem-tokens.json")
+  rss1=$(rss_kib "$mp")
+  rm -f "$DIR/hold.ready"
+  ( ulimit -n 4096; exec taskset -c "$CLIENT_CPU" python3 "$TPL/hold_conns.py" 127.0.0.1 "${PC_PORT[mem]}" /public 1000 "$DIR/hold.ready" ) &
+  HOLD_PID=$!; pids+=($HOLD_PID)
+  for _ in $(seq 300); do [ -s "$DIR/hold.ready" ] && break; sleep 0.1; done
+  sleep 1
+  est=$(ss -Htn state established "( sport = :${PC_PORT[mem]} )" | wc -l)
+  rss2=$(rss_kib "$mp")
+  hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$mp/status")
+  held=$(cat "$DIR/hold.ready" 2>/dev/null || echo "not ready")
+  kill "$HOLD_PID" 2>/dev/null || true
+  MEM_MD="| state | VmRSS |"$'\n'"| --- | ---: |"
+  MEM_MD+=$'\n'"| fresh, after start | $((rss0 / 1024)) MiB ($rss0 KiB) |"
+  MEM_MD+=$'\n'"| after 10,000 distinct tokens (requests sent, non-2xx+errors: $sent) | $((rss1 / 1024)) MiB ($rss1 KiB) |"
+  MEM_MD+=$'\n'"| + 1,000 idle keep-alive connections (answers 200 / other: $held; established at the proxy's port when measured: $est) | **$((rss2 / 1024)) MiB** ($rss2 KiB) |"
+  MEM_MD+=$'\n\n'"VmHWM (peak RSS) of that process: $((hwm / 1024)) MiB. Acceptance: below 100 MiB."
+  MEM_MD+=$'\n\n'"VmRSS of the benchmark's portcullis processes at the end of the run:"
+  for n in e f g h i; do MEM_MD+=" ($n) $(( $(rss_kib "${PC_PID[$n]}") / 1024 )) MiB;"; done
+fi
+
+# ---- wrk reference ---------------------------------------------------------------------------
+WRK_MD=""
+if [ "$WRK" = 1 ]; then
+  log "wrk reference (one round, plain targets)"
+  WRK_MD="| target | wrk req/s | p50 | p99 | non-2xx / socket errors |"$'\n'"| --- | ---: | --- | --- | --- |"
+  for t in a b c e; do
+    out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${URL[$t]}")
+    echo "$out" > "$RAW/wrk-$t.txt"
+    rps=$(awk '/^Requests\/sec/ { print $2 }' <<< "$out")
+    p50=$(awk '$1 == "50%" { print $2 }' <<< "$out")
+    p99=$(awk '$1 == "99%" { print $2 }' <<< "$out")
+    errs=$( (grep -E 'Non-2xx|Socket errors' <<< "$out" || echo 0) | tr '\n' ' ')
+    WRK_MD+=$'\n'"| ($t) ${NAME[$t]} | $rps | $p50 | $p99 | $errs |"
+  done
+fi
+
+# ---- report ----------------------------------------------------------------------------------
+{
+  echo "# Side by side (issue 6): $STAMP"
+  echo
+  echo "- machine: nproc $(nproc), $(lscpu | grep 'Model name' | sed 's/  */ /g'); kernel $(uname -r)"
+  echo "- portcullis: $PORTCULLIS ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
+  echo "- $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); $(redis-server --version | cut -d' ' -f1-3)"
+  echo "- command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS TOKENS=$TOKENS RATE=$RATE bash bench/compare.sh\`"
+  echo "- every run: \`taskset -c $CLIENT_CPU loadgen --threads 1 -c $CONNS -d $DURATION --url ...\` (closed loop, keep-alive), after a 2 s warm-up of each target;"
+  echo "  proxies on CPU $SERVER_CPU with one worker thread, upstream nginx + loadgen + redis on CPU $CLIENT_CPU; rounds alternate the targets ($TARGETS)."
+  echo "- 'proxy CPU' = user+sys of the process under test (for (a) the upstream nginx) over the run, as a share of one core (median)."
+  echo
+  echo "$TABLE"
+  echo
+  if [ -n "$RATE_MD" ]; then echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo; fi
+  if [ -n "$MEM_MD" ]; then echo "## Memory"; echo; echo "$MEM_MD"; echo; fi
+  if [ -n "$WRK_MD" ]; then echo "## wrk reference (one round, \`wrk -t1 -c$CONNS -d$DURATION --latency\`, CPU $CLIENT_CPU)"; echo; echo "$WRK_MD"; echo; fi
+  echo "Raw loadgen JSON per run: \`$(realpath --relative-to="$ROOT" "$RAW")/\`."
+} > "$REPORT"
+cat "$REPORT"
+log "wrote $REPORT"

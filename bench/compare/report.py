@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Reads runs.tsv (round, target, json file, load average before, proxy CPU seconds) and the
+loadgen JSON files; prints the markdown table of compare.sh to stdout."""
+import json, statistics, sys
+
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+names = dict(a.split("=", 1) for a in sys.argv[2:])
+order, runs = [], {}
+for rnd, target, path, load, cpu in rows:
+    r = json.load(open(path))
+    if target not in runs:
+        order.append(target)
+        runs[target] = []
+    runs[target].append((int(rnd), r, load, float(cpu)))
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+summary = {}
+for t in order:
+    rs = [r for _, r, _, _ in runs[t]]
+    bad = sum(r["non_2xx"] + r["errors"] for r in rs)
+    summary[t] = {
+        "rps": med([r["requests_per_s"] for r in rs]),
+        "p50": med([r["latency_ms"]["p50"] for r in rs]),
+        "p99": med([r["latency_ms"]["p99"] for r in rs]),
+        "non2xx": sum(r["non_2xx"] for r in rs),
+        "errors": sum(r["errors"] for r in rs),
+        "bad": bad,
+        "all": [r["requests_per_s"] for r in rs],
+        "cpu": med([cpu / r["elapsed_s"] for _, r, _, cpu in runs[t]]),
+        "lg": med([r["loadgen_cpu_share"] or 0 for r in rs]),
+    }
+c = summary.get("c", {}).get("rps")
+d = summary.get("d", {}).get("rps")
+out = []
+out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | proxy CPU | loadgen CPU |")
+out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
+for t in order:
+    s = summary[t]
+    broken = " **BROKEN**" if s["bad"] else ""
+    rc = f"{s['rps']/c:.2f}x" if c else "-"
+    rd = f"{s['rps']/d:.2f}x" if d else "-"
+    per = " / ".join(f"{x:,.0f}" for x in s["all"])
+    out.append(f"| ({t}) {names.get(t, t)}{broken} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {rc} | {rd} | "
+               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} | {s['lg']:.0%} |")
+out.append("")
+out.append("Load average (1/5/15 min) before each run:")
+out.append("")
+out.append("| round | " + " | ".join(f"({t})" for t in order) + " |")
+out.append("| --- | " + " | ".join("---" for _ in order) + " |")
+rounds = sorted({rnd for t in order for rnd, *_ in runs[t]})
+for rnd in rounds:
+    cells = []
+    for t in order:
+        ls = [load for r_, _, load, _ in runs[t] if r_ == rnd]
+        cells.append(ls[0] if ls else "")
+    out.append(f"| {rnd} | " + " | ".join(cells) + " |")
+print("\n".join(out))
+json.dump(summary, open(sys.argv[1] + ".summary.json", "w"), indent=1)
