@@ -107,6 +107,12 @@ cpu_of() {
   done
   echo "$total"
 }
+# jiffies "busy0 total0 busy1 total1" of CPU 0 and CPU 1 from /proc/stat (busy = all but idle, iowait)
+cpustat() {
+  awk -v a="cpu$SERVER_CPU" -v b="cpu$CLIENT_CPU" '$1 == a || $1 == b {
+    t = 0; for (i = 2; i <= NF; i++) t += $i; busy[$1] = t - $5 - $6; tot[$1] = t }
+    END { print busy[a], tot[a], busy[b], tot[b] }' /proc/stat
+}
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
@@ -280,11 +286,14 @@ for r in $(seq "$ROUNDS"); do
   log "round $r of $ROUNDS, load average $(loadavg)"
   for t in $TARGETS; do
     load=$(loadavg)
-    before=$(cpu_of "${PID[$t]}")
+    before=$(cpu_of "${PID[$t]}"); up_before=$(cpu_of "$UP_PID"); st_before=$(cpustat)
     f=$RAW/r$r-$t.json
     lg "$t" -c "$CONNS" -d "$DURATION" > "$f"
-    after=$(cpu_of "${PID[$t]}")
-    printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$f" "$load" "$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" >> "$TSV"
+    after=$(cpu_of "${PID[$t]}"); up_after=$(cpu_of "$UP_PID"); st_after=$(cpustat)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$f" "$load" \
+      "$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" \
+      "$(awk -v a="$up_after" -v b="$up_before" 'BEGIN { print a - b }')" \
+      "$(echo "$st_before $st_after" | awk '{ printf "%.3f %.3f", ($5 - $1) / ($6 - $2), ($7 - $3) / ($8 - $4) }')" >> "$TSV"
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latency_ms"]; print("  (%s) %.0f req/s  p50 %.3f  p99 %.3f ms  non-2xx %d errors %d" % (sys.argv[2], r["requests_per_s"], l["p50"], l["p99"], r["non_2xx"], r["errors"]))' "$f" "$t" >&2
   done
 done
@@ -378,7 +387,9 @@ fi
   echo "- command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS TOKENS=$TOKENS RATE=$RATE bash bench/compare.sh\`"
   echo "- every run: \`taskset -c $CLIENT_CPU loadgen --threads 1 -c $CONNS -d $DURATION --url ...\` (closed loop, keep-alive), after a 2 s warm-up of each target;"
   echo "  proxies on CPU $SERVER_CPU with one worker thread, upstream nginx + loadgen + redis on CPU $CLIENT_CPU; rounds alternate the targets ($TARGETS)."
-  echo "- 'proxy CPU' = user+sys of the process under test (for (a) the upstream nginx) over the run, as a share of one core (median)."
+  echo "- CPU columns (medians over the rounds, share of one core over the run): 'proxy' = user+sys of the process under test from /proc/PID/stat (for (a) the upstream nginx itself),"
+  echo "  'upstream' = the upstream nginx, 'loadgen' = its own report; 'CPU 0 / CPU 1 busy' = all processes on each core from /proc/stat"
+  echo "  (CPU 0 busy minus proxy = other processes on the proxy's core; CPU 1 near 100% = the client side limits the figure)."
   echo
   echo "$TABLE"
   echo

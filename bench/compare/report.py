@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Reads runs.tsv (round, target, json file, load average before, proxy CPU seconds) and the
+"""Reads runs.tsv (round, target, json file, load average before, proxy CPU seconds, upstream
+CPU seconds, "busy share of CPU 0, CPU 1") and the
 loadgen JSON files; prints the markdown table of compare.sh to stdout."""
 import json, statistics, sys
 
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 names = dict(a.split("=", 1) for a in sys.argv[2:])
 order, runs = [], {}
-for rnd, target, path, load, cpu in rows:
+for rnd, target, path, load, cpu, upcpu, busy in rows:
     r = json.load(open(path))
     if target not in runs:
         order.append(target)
         runs[target] = []
+    r["_upcpu"] = float(upcpu)
+    r["_busy"] = [float(x) for x in busy.split()]
     runs[target].append((int(rnd), r, load, float(cpu)))
 
 def med(xs):
@@ -30,12 +33,15 @@ for t in order:
         "all": [r["requests_per_s"] for r in rs],
         "cpu": med([cpu / r["elapsed_s"] for _, r, _, cpu in runs[t]]),
         "lg": med([r["loadgen_cpu_share"] or 0 for r in rs]),
+        "up": med([r["_upcpu"] / r["elapsed_s"] for r in rs]),
+        "b0": med([r["_busy"][0] for r in rs]),
+        "b1": med([r["_busy"][1] for r in rs]),
     }
 c = summary.get("c", {}).get("rps")
 d = summary.get("d", {}).get("rps")
 out = []
-out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | proxy CPU | loadgen CPU |")
-out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
+out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | CPU: proxy / upstream / loadgen | CPU 0 / CPU 1 busy |")
+out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |")
 for t in order:
     s = summary[t]
     broken = " **BROKEN**" if s["bad"] else ""
@@ -43,7 +49,7 @@ for t in order:
     rd = f"{s['rps']/d:.2f}x" if d else "-"
     per = " / ".join(f"{x:,.0f}" for x in s["all"])
     out.append(f"| ({t}) {names.get(t, t)}{broken} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {rc} | {rd} | "
-               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} | {s['lg']:.0%} |")
+               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} / {s['up']:.0%} / {s['lg']:.0%} | {s['b0']:.0%} / {s['b1']:.0%} |")
 out.append("")
 out.append("Load average (1/5/15 min) before each run:")
 out.append("")
