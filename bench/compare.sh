@@ -298,6 +298,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
+REDIS_KEYS=$(redis-cli -p "$REDIS_PORT" dbsize 2>/dev/null || echo '?')
 names=(); for t in $TARGETS; do names+=("$t=${NAME[$t]}"); done
 TABLE=$(python3 "$TPL/report.py" "$TSV" "${names[@]}")
 
@@ -392,6 +393,8 @@ fi
   echo "  (CPU 0 busy minus proxy = other processes on the proxy's core; CPU 1 near 100% = the client side limits the figure)."
   echo
   echo "$TABLE"
+  echo
+  echo "Keys in the benchmark's Redis after the rounds (nonces of (i), TTL 2 x max_skew): $REDIS_KEYS."
   echo
   if [ -n "$RATE_MD" ]; then echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo; fi
   if [ -n "$MEM_MD" ]; then echo "## Memory"; echo; echo "$MEM_MD"; echo; fi
