@@ -1,7 +1,7 @@
 //! Prometheus metrics, served by the admin listener at `/metrics`. One registry per running
 //! proxy (so tests that start several proxies in one process do not share counters).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,8 +13,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    code: String,
+    route: Option<Arc<String>>,
+    code: &'static str,
     status: u16,
 }
 
@@ -127,12 +127,19 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished request.
-    pub fn request(&self, route: &str, code: &str, status: u16, elapsed: Duration) {
+    /// Counts one finished request (`route` is `None` when no route matched). Allocates
+    /// nothing once the label set has been seen.
+    pub fn request(
+        &self,
+        route: Option<&Arc<String>>,
+        code: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                code: code.to_owned(),
+                route: route.cloned(),
+                code,
                 status,
             })
             .inc();

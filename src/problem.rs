@@ -148,17 +148,15 @@ impl Rejection {
             AuthError::ClientCertificateRequired(_) | AuthError::ClientCertificateRejected(_) => {
                 Some("ClientCertificate realm=\"portcullis\"".to_owned())
             }
-            AuthError::CertificateBindingMismatch(_) | AuthError::TokenRevoked(_) => Some(format!(
-                "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
-                quoted_string(&e.to_string())
-            )),
             AuthError::SignatureMissing(_)
             | AuthError::SignatureMalformed(_)
             | AuthError::UnknownSigningKey(_)
             | AuthError::TimestampOutOfWindow(_)
             | AuthError::SignatureMismatch(_)
             | AuthError::NonceReplayed => Some("Signature realm=\"portcullis\", version=\"v1\"".to_owned()),
-            AuthError::MalformedToken(_)
+            AuthError::CertificateBindingMismatch(_)
+            | AuthError::TokenRevoked(_)
+            | AuthError::MalformedToken(_)
             | AuthError::TokenExpired(_)
             | AuthError::TokenNotYetValid(_)
             | AuthError::TokenLifetimeExceeded(_)

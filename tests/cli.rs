@@ -202,6 +202,8 @@ path_prefix = "/api"
 require = ["jwt"]
 "#,
     );
+    // One worker thread: the current-thread runtime path of the binary.
+    let text = text.replace("threads = 2", "threads = 1");
     let proxy = ProxyProcess::spawn(&text, &[("HS", "an-hs256-secret-of-at-least-32-bytes!!")]);
     let token = "eyJhbGciOiJIUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ1In0.c2VjcmV0LXNpZ25hdHVyZS1ieXRlcw";
     let response = get(

@@ -7,6 +7,7 @@ mod raw;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Uri};
@@ -178,7 +179,8 @@ pub enum SignatureAlgorithm {
 /// One `[[routes]]` entry.
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
+    /// Shared, so that metrics label a request with it without copying it.
+    pub name: Arc<String>,
     /// Normalised, without a trailing slash (unless it is `/`).
     pub path_prefix: String,
     /// `None` = any method.
@@ -1235,7 +1237,7 @@ impl Validator<'_> {
             return None;
         }
         Some(Route {
-            name: raw.name,
+            name: Arc::new(raw.name),
             path_prefix,
             methods,
             require,

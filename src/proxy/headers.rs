@@ -5,17 +5,18 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the non-standard ones proxies still see).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the non-standard ones proxies still see),
+/// as header names built once: removing by `&str` would parse the name on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
 ];
 
 /// Identity headers the upstream trusts; only the proxy may set them.
@@ -36,6 +37,15 @@ pub(crate) const X_FORWARDED_CLIENT_CERT: HeaderName =
 /// Removes hop-by-hop headers and every header named in `Connection` (except `Host`, which is
 /// end-to-end by definition and needed by the checks).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        remove_connection_named(headers);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn remove_connection_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -45,9 +55,6 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|name| *name != HOST)
         .collect();
     for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }

@@ -104,7 +104,7 @@ impl Proxy {
             Err(rejection) => {
                 tracing::info!(
                     request_id = %request_id,
-                    route = outcome.route.unwrap_or("-"),
+                    route = outcome.route.map_or("-", |r| r.as_str()),
                     code = rejection.code(),
                     status = rejection.status().as_u16(),
                     subject = outcome.subject.as_deref().unwrap_or("-"),
@@ -120,7 +120,7 @@ impl Proxy {
             response.headers_mut().insert(headers::X_REQUEST_ID, value);
         }
         self.metrics.request(
-            outcome.route.unwrap_or(""),
+            outcome.route,
             outcome.code,
             response.status().as_u16(),
             started.elapsed(),
@@ -524,7 +524,7 @@ async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Re
 /// What the log line and metrics of a request say.
 #[derive(Debug)]
 struct Outcome<'a> {
-    route: Option<&'a str>,
+    route: Option<&'a Arc<String>>,
     code: &'static str,
     subject: Option<String>,
     client: Option<String>,
