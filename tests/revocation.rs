@@ -245,7 +245,7 @@ async fn list_pages_in_a_stable_order(store: Arc<dyn RevocationStore>) {
             })
             .collect()
     };
-    // Tokens first, then subjects, each sorted.
+    // Tokens first, then subjects, each sorted by jti or sub.
     expected.sort_by_key(|r| match r {
         Revocation::Token { jti, .. } => (0, jti.clone()),
         Revocation::Subject { sub, .. } => (1, sub.clone()),
@@ -257,7 +257,6 @@ async fn list_pages_in_a_stable_order(store: Arc<dyn RevocationStore>) {
             "limit {limit}"
         );
     }
-    // A page of 3 starting after the second token.
     let (first, next) = store.list(None, 1000).await.unwrap();
     assert!(next.is_none());
     assert_eq!(ours(first), expected);
