@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::config::Secret;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
-use crate::problem::full_body;
+use crate::problem::{full_body, problem_body};
 use crate::proxy::Body;
 use crate::server::tls::TlsState;
 use crate::store::{Revocation, Stores};
@@ -301,13 +301,7 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<bytes::Bytes, Stri
 
 /// An admin error as problem+json.
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "code": code,
-        "detail": detail,
-    });
+    let body = problem_body(status, code, detail);
     text(status, "application/problem+json", format!("{body}\n"))
 }
 

@@ -175,14 +175,8 @@ impl Rejection {
     /// The problem+json response for this rejection.
     pub fn to_response(&self, request_id: &str) -> Response<Body> {
         let status = self.status();
-        let mut body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "code": self.code(),
-            "detail": self.to_string(),
-            "request_id": request_id,
-        });
+        let mut body = problem_body(status, self.code(), &self.to_string());
+        body["request_id"] = serde_json::Value::String(request_id.to_owned());
         if let Self::Auth(AuthError::SignatureMismatch(string_to_sign)) = self {
             body["string_to_sign"] = serde_json::Value::String(string_to_sign.clone());
         }
@@ -216,6 +210,17 @@ impl Rejection {
         }
         response
     }
+}
+
+/// The RFC 9457 members every problem+json answer has (the proxy's and the admin API's).
+pub(crate) fn problem_body(status: StatusCode, code: &str, detail: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    })
 }
 
 /// A complete body from bytes.
