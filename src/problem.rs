@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
 
 use crate::auth::AuthError;
 use crate::proxy::path::InvalidPath;
@@ -225,9 +224,7 @@ pub(crate) fn problem_body(status: StatusCode, code: &str, detail: &str) -> serd
 
 /// A complete body from bytes.
 pub(crate) fn full_body(bytes: Bytes) -> Body {
-    http_body_util::Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed()
+    Body::full(bytes)
 }
 
 /// Makes `text` safe inside an RFC 7230 quoted-string of visible ASCII.

@@ -5,6 +5,9 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use support::http::{get, raw, send};
 use support::proxy::{config_text, TestProxy};
 use support::upstream::Upstream;
@@ -312,6 +315,140 @@ async fn upstream_down_is_502() {
         (response.status, response.code().as_str()),
         (502, "upstream_unavailable")
     );
+    proxy.stop().await;
+}
+
+/// A bare HTTP/1.1 upstream on a socket: answers every request on a connection with `body`
+/// (`Content-Length`, keep-alive), and counts connections. With `close_after_answer` it closes
+/// each connection right after its first answer without saying so, as an upstream whose
+/// keep-alive timeout ran out does.
+async fn counting_upstream(
+    close_after_answer: bool,
+    body: &'static [u8],
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // GET requests without a body: one answer per head.
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if stream.write_all(head.as_bytes()).await.is_err()
+                            || stream.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                        if close_after_answer {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let (addr, connections) = counting_upstream(false, b"ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(
+        &config_text(addr, &routes()),
+        dir.path(),
+        &[("HS_SECRET", SECRET)],
+    )
+    .await;
+    for i in 0..10 {
+        let response = get(&proxy.url(&format!("/public/{i}")), &[]).await;
+        assert_eq!((response.status, response.body.as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one upstream connection for ten requests in a row"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    let (addr, connections) = counting_upstream(true, b"ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(
+        &config_text(addr, &routes()),
+        dir.path(),
+        &[("HS_SECRET", SECRET)],
+    )
+    .await;
+    for i in 0..20 {
+        let response = get(&proxy.url(&format!("/public/{i}")), &[]).await;
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+    }
+    // Every answer came on its own connection, and none of the closed ones was used again.
+    assert_eq!(connections.load(Ordering::SeqCst), 20);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_abandons_does_not_poison_the_pool() {
+    // A body far larger than socket buffers: the client reads the head and hangs up.
+    static BIG: [u8; 4 << 20] = [b'x'; 4 << 20];
+    let (addr, connections) = counting_upstream(false, &BIG).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(
+        &config_text(addr, &routes()),
+        dir.path(),
+        &[("HS_SECRET", SECRET)],
+    )
+    .await;
+    for _ in 0..3 {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client
+            .write_all(b"GET /public/big HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 1024];
+        let n = client.read(&mut head).await.unwrap();
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        drop(client);
+    }
+    // The abandoned exchanges' connections are not handed to later requests: each of these
+    // gets the whole body.
+    for _ in 0..3 {
+        let response = get(&proxy.url("/public/big"), &[]).await;
+        assert_eq!((response.status, response.body.len()), (200, BIG.len()));
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 4);
     proxy.stop().await;
 }
 

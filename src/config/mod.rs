@@ -1063,7 +1063,7 @@ impl Validator<'_> {
             self.error(format!("{at}.name"), "must not be empty");
         }
         let path_prefix = match path::normalize(&raw.path_prefix) {
-            Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => p,
+            Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => p.into_owned(),
             Ok(p) => {
                 self.error(
                     format!("{at}.path_prefix"),
@@ -1073,7 +1073,7 @@ impl Validator<'_> {
                         p.trim_end_matches('/')
                     ),
                 );
-                p
+                p.into_owned()
             }
             Err(e) => {
                 self.error(

@@ -1,36 +1,63 @@
-//! Forwarding to the upstream: a pooled hyper-util client with connect and request timeouts,
-//! and a request body that streams through while counting bytes against `max_body_bytes`.
+//! Forwarding to the upstream: a pool of HTTP/1.1 keep-alive connections with connect and
+//! request timeouts, and a request body that streams through while counting bytes against
+//! `max_body_bytes`.
+//!
+//! There is one upstream, so the pool is a stack of idle connections (the most recently used
+//! first, so that surplus connections age out) rather than a map keyed by host. A connection
+//! goes back on the stack when the response body it carried has been read to the end; a body
+//! dropped half-read takes its connection with it (hyper then closes it).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
 
 use super::upstream_tls;
+use super::BoxError;
 use crate::config::UpstreamConfig;
 use crate::problem::Rejection;
 use crate::server::tls::TlsError;
 
-/// The body sent upstream: the client's body streamed through the limit, or the body already
-/// read (and hashed) for a signature check.
+/// The body sent upstream: the client's body streamed through the limit, the body already read
+/// (and hashed) for a signature check, or nothing (the client sent none).
 pub(crate) type UpstreamBody = http_body_util::Either<LimitedBody, http_body_util::Full<Bytes>>;
 
-/// The pooled client to the upstream service (plain HTTP, or TLS for an https URL).
-#[derive(Debug, Clone)]
+type Sender = http1::SendRequest<UpstreamBody>;
+
+/// Idle connections are closed after this long unused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many idle connections are kept; more are closed when they fall idle.
+const MAX_IDLE: usize = 1024;
+
+/// The upstream service: where to connect, and the idle connections to it.
+#[derive(Debug)]
 pub(crate) struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of `upstream.url`, what the connector dials.
+    address: Uri,
+    builder: http1::Builder,
+    pool: Arc<Pool>,
     request_timeout: Duration,
+}
+
+/// Why the upstream could not answer.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(BoxError),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
 }
 
 impl Upstream {
@@ -45,33 +72,206 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let mut address = http::uri::Parts::default();
+        address.scheme = config.url.scheme().cloned();
+        address.authority = config.url.authority().cloned();
+        address.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        // Configuration validation refuses an upstream URL without a scheme or host.
+        let address = Uri::from_parts(address).unwrap_or_else(|_| config.url.clone());
         Ok(Self {
-            client,
+            connector,
+            address,
+            builder: http1::Builder::new(),
+            pool: Arc::new(Pool::default()),
             request_timeout: config.request_timeout,
         })
     }
 
-    /// Sends the request and waits for the response head, up to `request_timeout`.
+    /// Sends the request (origin-form target, `Host` set) and waits for the response head, up
+    /// to `request_timeout`.
     pub(crate) async fn send(
         &self,
         request: Request<UpstreamBody>,
-        limit_hit: Arc<AtomicBool>,
+        limit_hit: Option<Arc<AtomicBool>>,
         limit: u64,
-    ) -> Result<Response<Incoming>, Rejection> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+    ) -> Result<Response<ResponseBody>, Rejection> {
+        match tokio::time::timeout(self.request_timeout, self.exchange(request)).await {
             Err(_) => Err(Rejection::UpstreamTimeout),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
-                if limit_hit.load(Ordering::Acquire) {
+                if limit_hit.is_some_and(|hit| hit.load(Ordering::Acquire)) {
                     return Err(Rejection::BodyTooLarge(limit));
                 }
-                tracing::warn!(error = %e, connect = e.is_connect(), "upstream request failed");
+                let connect = matches!(e, UpstreamError::Connect(_));
+                tracing::warn!(error = %e, connect, "upstream request failed");
                 Err(Rejection::UpstreamUnavailable)
             }
+        }
+    }
+
+    async fn exchange(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let (mut sender, reused) = match self.pool.checkout() {
+            Some(sender) => (sender, true),
+            None => (self.connect().await?, false),
+        };
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                // The idle connection was closed by the upstream before the request was
+                // written: nothing reached the upstream, so it is sent once more on a new one.
+                Some(request) if reused => {
+                    tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
+                    sender = self.connect().await?;
+                    sender.send_request(request).await?
+                }
+                _ => return Err(e.into_error().into()),
+            },
+        };
+        let pool = self.pool.clone();
+        Ok(response.map(|body| ResponseBody {
+            inner: body,
+            sender: Some(sender),
+            pool,
+        }))
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = connector
+            .call(self.address.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, connection) = self.builder.handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Idle connections, the most recently used at the back.
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // The lock is never held across anything that can panic; a poisoned stack of
+        // connections is still a stack of connections.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used connection that can take a request now. Closed ones are dropped;
+    /// those still finishing their last exchange stay (a few are looked past, then a new
+    /// connection is cheaper than searching further).
+    fn checkout(&self) -> Option<Sender> {
+        const LOOK_PAST: usize = 8;
+        let mut idle = self.lock();
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(entry) = idle.pop_back() {
+            if entry.sender.is_ready() {
+                found = Some(entry.sender);
+                break;
+            }
+            if !entry.sender.is_closed() {
+                busy.push(entry);
+                if busy.len() == LOOK_PAST {
+                    break;
+                }
+            }
+        }
+        for entry in busy.into_iter().rev() {
+            idle.push_back(entry);
+        }
+        found
+    }
+
+    /// Puts a connection whose exchange is finished back on the stack, closing those idle for
+    /// longer than [`IDLE_TIMEOUT`] and the oldest beyond [`MAX_IDLE`].
+    fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
+            || idle.len() >= MAX_IDLE
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { sender, since: now });
+    }
+}
+
+/// The upstream's response body: streams through, and hands its connection back to the pool
+/// once read to the end.
+#[derive(Debug)]
+pub(crate) struct ResponseBody {
+    inner: Incoming,
+    sender: Option<Sender>,
+    pool: Arc<Pool>,
+}
+
+impl ResponseBody {
+    fn release(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.put(sender);
+        }
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body read to its end (or empty from the start) leaves the connection reusable;
+        // one dropped half-read does not, and its sender goes with it.
+        if self.inner.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -102,7 +302,7 @@ impl LimitedBody {
 
 impl HttpBody for LimitedBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -75,16 +75,20 @@ pub(crate) fn remove_spoofable(headers: &mut HeaderMap) {
     }
 }
 
-/// A client-sent request id is kept when it is short visible ASCII; otherwise a new one is made.
-pub(crate) fn request_id(headers: &HeaderMap) -> String {
+/// A client-sent request id is kept when it is short visible ASCII; otherwise a new one (a
+/// UUID) is made. Returned as a header value, shared by the upstream request and the response.
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(value) = headers.get(&X_REQUEST_ID) {
-        if let Ok(text) = value.to_str() {
-            if !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic()) {
-                return text.to_owned();
-            }
+        let text = value.as_bytes();
+        if !text.is_empty() && text.len() <= 128 && text.iter().all(u8::is_ascii_graphic) {
+            return value.clone();
         }
     }
-    uuid::Uuid::new_v4().to_string()
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id)
+        // A hyphenated UUID is 36 characters of hex digits and hyphens.
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Sets `name` to `value` when it is a valid header value (identity values come from verified
@@ -148,6 +152,9 @@ mod tests {
         assert_eq!(request_id(&h), "abc-123");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
-        assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+        let made = request_id(&HeaderMap::new());
+        assert_eq!(made.len(), 36);
+        assert!(uuid::Uuid::parse_str(made.to_str().unwrap()).is_ok());
+        assert_ne!(made, request_id(&HeaderMap::new()));
     }
 }

@@ -7,14 +7,19 @@ pub(crate) mod headers;
 pub mod path;
 mod upstream_tls;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
@@ -29,12 +34,61 @@ use crate::server::tls::TlsError;
 use crate::store::{
     rate_limit_headers, NonceOutcome, NonceStore, RateLimiter, RevocationStore, StoreError, Stores,
 };
-use forward::{LimitedBody, Upstream};
+use forward::{LimitedBody, ResponseBody, Upstream};
 
-/// The response body type of the proxy.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// Errors of a streamed body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body of the proxy and the admin listener: a complete body (problem+json, admin
+/// answers) or the upstream's, streamed through.
+#[derive(Debug)]
+pub struct Body(BodyKind);
+
+#[derive(Debug)]
+enum BodyKind {
+    Full(Full<Bytes>),
+    Upstream(ResponseBody),
+}
+
+impl Body {
+    /// A complete body.
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        Self(BodyKind::Full(Full::new(bytes)))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            BodyKind::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            BodyKind::Upstream(upstream) => Pin::new(upstream)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            BodyKind::Full(full) => full.is_end_stream(),
+            BodyKind::Upstream(upstream) => upstream.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.0 {
+            BodyKind::Full(full) => full.size_hint(),
+            BodyKind::Upstream(upstream) => upstream.size_hint(),
+        }
+    }
+}
 
 /// What the proxy knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -45,6 +99,23 @@ pub struct ConnectionInfo {
     pub tls: bool,
     /// The client certificate rustls verified in the handshake, read once per connection.
     pub client_cert: Option<Arc<ClientCert>>,
+    /// The client's IP address as an `X-Forwarded-For` value, made once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnectionInfo {
+    /// What is known of a connection from `peer`.
+    pub fn new(peer: SocketAddr, tls: bool, client_cert: Option<Arc<ClientCert>>) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            // An IP address is ASCII digits, dots, colons and hex letters.
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            tls,
+            client_cert,
+            peer_ip,
+        }
+    }
 }
 
 /// The request pipeline, shared by every connection.
@@ -57,7 +128,8 @@ pub struct Proxy {
     revocations: Arc<dyn RevocationStore>,
     rate_limits: Arc<dyn RateLimiter>,
     upstream: Upstream,
-    upstream_base: (http::uri::Scheme, http::uri::Authority),
+    /// `Host` for a request that came without one (HTTP/1.0): the upstream's own authority.
+    upstream_host: HeaderValue,
     metrics: Arc<Metrics>,
 }
 
@@ -69,14 +141,13 @@ impl Proxy {
         stores: Stores,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TlsError> {
-        let url = &config.upstream.url;
-        let upstream_base = (
-            url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
-            url.authority()
-                .cloned()
-                // Config validation refuses an upstream URL without a host.
-                .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1")),
-        );
+        let upstream_host = config
+            .upstream
+            .url
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            // Config validation refuses an upstream URL without a host.
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         Ok(Self {
             upstream: Upstream::new(&config.upstream)?,
             signatures: SignatureVerifier::new(&config.signature),
@@ -85,7 +156,7 @@ impl Proxy {
             rate_limits: stores.rate_limits,
             config,
             jwt,
-            upstream_base,
+            upstream_host,
             metrics,
         })
     }
@@ -102,6 +173,7 @@ impl Proxy {
         let mut response = match self.process(request, conn, &request_id, &mut outcome).await {
             Ok(response) => response,
             Err(rejection) => {
+                let request_id = request_id.to_str().unwrap_or("-");
                 tracing::info!(
                     request_id = %request_id,
                     route = outcome.route.map_or("-", |r| r.as_str()),
@@ -113,12 +185,12 @@ impl Proxy {
                     "request rejected"
                 );
                 outcome.code = rejection.code();
-                rejection.to_response(&request_id)
+                rejection.to_response(request_id)
             }
         };
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(headers::X_REQUEST_ID, value);
-        }
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID, request_id);
         self.metrics.request(
             outcome.route,
             outcome.code,
@@ -132,7 +204,7 @@ impl Proxy {
         &'a self,
         request: Request<Incoming>,
         conn: &ConnectionInfo,
-        request_id: &str,
+        request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, Rejection> {
         let (mut parts, body) = request.into_parts();
@@ -145,7 +217,7 @@ impl Proxy {
             RouteMatch::MethodNotAllowed => {
                 return Err(Rejection::MethodNotAllowed(parts.method.to_string()))
             }
-            RouteMatch::NoRoute => return Err(Rejection::NoRoute(path)),
+            RouteMatch::NoRoute => return Err(Rejection::NoRoute(path.into_owned())),
         };
         outcome.route = Some(&route.name);
 
@@ -159,51 +231,68 @@ impl Proxy {
 
         // The signature covers the body: on such routes it is read (hashed as it arrives,
         // bounded by the limit) before anything is forwarded. Elsewhere it streams.
-        let limit_hit = Arc::new(AtomicBool::new(false));
+        let mut limit_hit = None;
         let (body, body_sha256) = if route.require.signature {
             let (bytes, digest) = read_body(body, limit).await?;
             (Either::Right(Full::new(bytes)), Some(digest))
+        } else if body.is_end_stream() {
+            (Either::Right(Full::new(Bytes::new())), None)
         } else {
-            (
-                Either::Left(LimitedBody::new(body, limit, limit_hit.clone())),
-                None,
-            )
+            let hit = Arc::new(AtomicBool::new(false));
+            limit_hit = Some(hit.clone());
+            (Either::Left(LimitedBody::new(body, limit, hit)), None)
         };
 
+        let request_id_text = request_id.to_str().unwrap_or("-");
         let identity = self
-            .check(route, &parts, body_sha256.as_deref(), request_id, conn)
+            .check(route, &parts, body_sha256.as_deref(), request_id_text, conn)
             .await;
         let identity = identity?;
         outcome.subject = identity.token.as_ref().and_then(|t| t.subject.clone());
         outcome.client = identity.signature.as_ref().map(|s| s.client.clone());
         check_permissions(route, &identity)?;
         let rate_headers = self
-            .check_rate_limit(route, &identity, conn, request_id)
+            .check_rate_limit(route, &identity, conn, request_id_text)
             .await?;
 
-        // Forward: the normalised path, the original query.
-        let target = match parts.uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path,
+        // Forward in origin form: the normalised path, the original query.
+        let target = match path {
+            // Unchanged: the client's path and query as they are (no copy).
+            Cow::Borrowed(_) => parts.uri.path_and_query().cloned(),
+            Cow::Owned(normalised) => {
+                let target = match parts.uri.query() {
+                    Some(query) => format!("{normalised}?{query}"),
+                    None => normalised,
+                };
+                Some(
+                    PathAndQuery::try_from(target)
+                        .map_err(|_| Rejection::InvalidPath(path::InvalidPath::BrokenEscape))?,
+                )
+            }
         };
-        let original_host = parts
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        parts.uri = Uri::builder()
-            .scheme(self.upstream_base.0.clone())
-            .authority(self.upstream_base.1.clone())
-            .path_and_query(target)
-            .build()
+        let original_host = match parts.headers.get(HOST) {
+            Some(host) => Some(host.clone()),
+            // HTTP/2 carries the host in :authority.
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.path_and_query = target;
+        parts.uri = Uri::from_parts(uri)
             .map_err(|_| Rejection::InvalidPath(path::InvalidPath::BrokenEscape))?;
         parts.version = Version::HTTP_11;
-        if let Some(host) = &original_host {
-            if parts.headers.get(HOST).is_none() {
-                headers::set(&mut parts.headers, HOST, host);
+        match original_host {
+            Some(host) => {
+                parts
+                    .headers
+                    .insert(headers::X_FORWARDED_HOST, host.clone());
+                parts.headers.entry(HOST).or_insert(host);
             }
-            headers::set(&mut parts.headers, headers::X_FORWARDED_HOST, host);
+            None => {
+                parts.headers.insert(HOST, self.upstream_host.clone());
+            }
         }
         add_identity(&mut parts.headers, &identity)?;
         if let Some(cert) = &conn.client_cert {
@@ -214,21 +303,24 @@ impl Proxy {
                 &cert.xfcc,
             );
         }
-        headers::set(&mut parts.headers, headers::X_REQUEST_ID, request_id);
-        let peer_ip = conn.peer.ip().to_string();
+        parts
+            .headers
+            .insert(headers::X_REQUEST_ID, request_id.clone());
         let forwarded_for = match parts
             .headers
             .get(&headers::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(earlier) => format!("{earlier}, {peer_ip}"),
-            None => peer_ip,
+            Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", conn.peer.ip()))
+                .unwrap_or_else(|_| conn.peer_ip.clone()),
+            None => conn.peer_ip.clone(),
         };
-        headers::set(&mut parts.headers, headers::X_FORWARDED_FOR, &forwarded_for);
-        headers::set(
-            &mut parts.headers,
+        parts
+            .headers
+            .insert(headers::X_FORWARDED_FOR, forwarded_for);
+        parts.headers.insert(
             headers::X_FORWARDED_PROTO,
-            if conn.tls { "https" } else { "http" },
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
 
         let upstream_request = Request::from_parts(parts, body);
@@ -248,10 +340,7 @@ impl Proxy {
                 parts.headers.insert(name, value);
             }
         }
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(|e| Box::new(e) as BoxError).boxed(),
-        ))
+        Ok(Response::from_parts(parts, Body(BodyKind::Upstream(body))))
     }
 
     /// Runs the route's checks in DESIGN.md's order (cheapest first):

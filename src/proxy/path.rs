@@ -4,6 +4,7 @@
 //! Anything that could let the upstream read the path differently from the check (an encoded
 //! `/` or `\`, a `\`, a NUL, a `..` above the root, a broken escape) is refused.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a path was refused.
@@ -50,14 +51,14 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 /// Returns the normalised form of `path` (the path part of a request target, without the query).
-pub fn normalize(path: &str) -> Result<String, InvalidPath> {
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(InvalidPath::NotAbsolute);
     }
     // Fast path: most paths need no change at all.
     if !needs_work(bytes) {
-        return Ok(path.to_owned());
+        return Ok(Cow::Borrowed(path));
     }
 
     // First pass: decode what may be decoded, refuse what is dangerous.
@@ -123,7 +124,7 @@ pub fn normalize(path: &str) -> Result<String, InvalidPath> {
     if out.is_empty() || trailing_slash {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 fn needs_work(bytes: &[u8]) -> bool {

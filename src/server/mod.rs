@@ -160,7 +160,7 @@ impl Server {
                     tokio::spawn(async move {
                         match acceptor {
                             None => {
-                                let conn_info = ConnectionInfo { peer, tls: false, client_cert: None };
+                                let conn_info = ConnectionInfo::new(peer, false, None);
                                 serve(&builder, watcher, TokioIo::new(stream), proxy, conn_info).await;
                             }
                             Some(acceptor) => {
@@ -182,7 +182,7 @@ impl Server {
                                     .and_then(|chain| chain.first())
                                     .and_then(|der| ClientCert::from_der(der))
                                     .map(Arc::new);
-                                let conn_info = ConnectionInfo { peer, tls: true, client_cert };
+                                let conn_info = ConnectionInfo::new(peer, true, client_cert);
                                 serve(&builder, watcher, TokioIo::new(tls_stream), proxy, conn_info).await;
                             }
                         }
@@ -242,6 +242,7 @@ async fn serve<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn_info.peer;
+    let conn_info = Arc::new(conn_info);
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
         let conn_info = conn_info.clone();
