@@ -123,7 +123,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(verified) = result {
         assert!(
-            ISSUERS.contains(&verified.issuer.as_str()),
+            ISSUERS.contains(&&*verified.issuer),
             "verified a token of an unknown issuer {:?}",
             verified.issuer
         );

@@ -4,12 +4,16 @@
 //! revocation and permission checks; what it returns becomes `x-auth-subject`, `x-auth-issuer`,
 //! `x-auth-permissions` and `x-auth-claims`. The token is decoded exactly once, with a JSON
 //! reader that refuses duplicate keys, so the proxy and the upstream can never read a claim
-//! differently. The rules of DESIGN.md's "JWT rules that are never configurable" are applied in
-//! this order: size, shape and JSON types first (cheap and reveal nothing), then the signature,
-//! then the claims whose outcome depends on time or audience. A token that passed is kept in a
-//! cache keyed by its SHA-256 until its `exp`, so a client reusing a token pays for the
-//! signature once.
+//! differently (the reader, in `jwt/json.rs`, keeps only the members the checks read). The
+//! rules of DESIGN.md's "JWT rules that are never configurable" are applied in this order:
+//! size, shape and JSON types first (cheap and reveal nothing), then the signature, then the
+//! claims whose outcome depends on time or audience. A token that passed is kept in a cache
+//! keyed by its SHA-256 until its `exp`, so a client reusing a token pays for the signature
+//! once.
 
+mod json;
+
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,10 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::Algorithm;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use self::json::{Key, Member, Members, Place};
 use crate::auth::AuthError;
 use crate::config::{IssuerConfig, JwtConfig};
 use crate::keys::{parse_algorithm, KeyStore};
@@ -31,8 +34,8 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// A token that passed every check.
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
-    /// `iss`
-    pub issuer: String,
+    /// `iss`, shared with the issuer's configuration.
+    pub issuer: Arc<str>,
     /// `sub`, when present.
     pub subject: Option<String>,
     /// From the issuer's `permissions_claim`.
@@ -58,6 +61,9 @@ pub struct VerifiedToken {
 pub struct JwtVerifier {
     keys: Arc<KeyStore>,
     issuers: Vec<IssuerRules>,
+    /// Every issuer's `permissions_claim` that is not a registered claim: their values are
+    /// kept while the payload is read, before its `iss` (which may come last) is known.
+    permissions_claims: Vec<String>,
     leeway: i64,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
 }
@@ -75,7 +81,7 @@ impl fmt::Debug for JwtVerifier {
 /// What one issuer's tokens must satisfy, taken from its configuration.
 #[derive(Debug)]
 struct IssuerRules {
-    issuer: String,
+    issuer: Arc<str>,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
     permissions_claim: String,
@@ -86,7 +92,7 @@ struct IssuerRules {
 impl IssuerRules {
     fn new(c: &IssuerConfig) -> Self {
         Self {
-            issuer: c.issuer.clone(),
+            issuer: Arc::from(c.issuer.as_str()),
             audiences: c.audiences.clone(),
             algorithms: c.algorithms.clone(),
             permissions_claim: c.permissions_claim.clone(),
@@ -131,9 +137,17 @@ impl JwtVerifier {
                 .expire_after(ExpireAtExp { leeway })
                 .build()
         });
+        let mut permissions_claims: Vec<String> = Vec::new();
+        for issuer in &config.issuers {
+            let name = &issuer.permissions_claim;
+            if registered_slot(name).is_none() && !permissions_claims.contains(name) {
+                permissions_claims.push(name.clone());
+            }
+        }
         Self {
             keys,
             issuers: config.issuers.iter().map(IssuerRules::new).collect(),
+            permissions_claims,
             leeway,
             cache,
         }
@@ -177,86 +191,130 @@ impl JwtVerifier {
     }
 
     async fn verify_uncached(&self, token: &str, now: i64) -> Result<VerifiedToken, AuthError> {
-        let parsed = parse_compact(token)?;
-        let header = Header::read(&parsed.header)?;
-        let issuer = self.issuer_of(&parsed.payload)?;
-        if !issuer.algorithms.contains(&header.alg) {
-            return Err(AuthError::AlgorithmNotAllowed(format!(
-                "{:?} is not accepted for this issuer",
-                header.alg
-            )));
-        }
-        let claims = Claims::read(&parsed.payload, &issuer.permissions_claim)?;
-
+        let mut decoded = Vec::new();
+        let token = self.read_unverified(token, &mut decoded)?;
         let keys = self
             .keys
-            .keys_for(&issuer.issuer, header.kid.as_deref(), header.alg)
+            .keys_for(&token.issuer.issuer, token.kid.as_deref(), token.alg)
             .await?;
-        let verified = keys.iter().any(|k| {
-            k.verify(
-                parsed.signing_input.as_bytes(),
-                parsed.signature,
-                header.alg,
-            )
-        });
+        let verified = keys
+            .iter()
+            .any(|k| k.verify(token.signing_input.as_bytes(), token.signature, token.alg));
         if !verified {
             return Err(AuthError::InvalidTokenSignature);
         }
 
         // Only a token signed by the issuer gets to learn which of its claims fail.
-        let Some(exp) = claims.exp else {
+        let issuer = token.issuer;
+        let Some(exp) = token.exp else {
             return Err(AuthError::MissingClaim("the token has no exp claim".into()));
         };
-        for name in &issuer.required_claims {
-            if !parsed.payload.contains_key(name) {
-                return Err(AuthError::MissingClaim(format!(
-                    "the token has no {name} claim"
-                )));
-            }
+        if let Some(name) = token.missing_claim {
+            return Err(AuthError::MissingClaim(format!(
+                "the token has no {name} claim"
+            )));
         }
-        self.check_times(exp, claims.nbf, claims.iat, now)?;
-        let lifetime = exp.saturating_sub(claims.iat.unwrap_or(now));
+        self.check_times(exp, token.nbf, token.iat, now)?;
+        let lifetime = exp.saturating_sub(token.iat.unwrap_or(now));
         if lifetime > issuer.max_lifetime {
             return Err(AuthError::TokenLifetimeExceeded(format!(
                 "the token is valid for {lifetime}s; at most {}s is accepted",
                 issuer.max_lifetime
             )));
         }
-        if !issuer.audiences.is_empty() {
-            match &claims.aud {
-                None => {
-                    return Err(AuthError::InvalidAudience(
-                        "the token has no aud claim".into(),
-                    ))
-                }
-                Some(auds) if !auds.iter().any(|a| issuer.audiences.contains(a)) => {
-                    return Err(AuthError::InvalidAudience(
-                        "the token is not meant for this service (aud)".into(),
-                    ))
-                }
-                Some(_) => {}
+        match token.audience {
+            Audience::Accepted => {}
+            Audience::Missing => {
+                return Err(AuthError::InvalidAudience(
+                    "the token has no aud claim".into(),
+                ))
+            }
+            Audience::Other => {
+                return Err(AuthError::InvalidAudience(
+                    "the token is not meant for this service (aud)".into(),
+                ))
             }
         }
-        let permissions_header = claims.permissions.join(",");
+        let permissions_header = token.permissions.join(",");
         Ok(VerifiedToken {
             issuer: issuer.issuer.clone(),
-            subject: claims.sub,
-            permissions: claims.permissions,
+            subject: token.subject,
+            permissions: token.permissions,
             permissions_header,
-            payload_b64: parsed.payload_b64.to_owned(),
+            payload_b64: token.payload_b64.to_owned(),
             exp,
-            not_before: claims.nbf,
-            issued_at: claims.iat,
-            token_id: claims.jti,
-            cnf_x5t_s256: claims.cnf_x5t_s256,
+            not_before: token.nbf,
+            issued_at: token.iat,
+            token_id: token.token_id,
+            cnf_x5t_s256: token.cnf_x5t_s256,
+        })
+    }
+
+    /// Everything checked before the signature: the shape, the header, the issuer and the
+    /// claims' JSON types. Also works out, without reporting them yet, the outcomes of the
+    /// checks that only a signed token may learn, so that nothing borrowed from the JSON has
+    /// to be kept while the keys are looked up.
+    fn read_unverified<'a>(
+        &'a self,
+        token: &'a str,
+        decoded: &'a mut Vec<u8>,
+    ) -> Result<Unverified<'a>, AuthError> {
+        let parsed = parse_compact(token, decoded, &self.permissions_claims)?;
+        let mut header = parsed.header;
+        let Header { alg, kid } = Header::read(&mut header)?;
+        let payload = &parsed.payload;
+        let issuer = self.issuer_of(payload)?;
+        if !issuer.algorithms.contains(&alg) {
+            return Err(AuthError::AlgorithmNotAllowed(format!(
+                "{alg:?} is not accepted for this issuer"
+            )));
+        }
+        let claims = Claims::read(payload, &issuer.permissions_claim)?;
+        let audience = if issuer.audiences.is_empty() {
+            Audience::Accepted
+        } else {
+            let meant_for_us = |aud: &str| issuer.audiences.iter().any(|a| a == aud);
+            match claims.aud {
+                None => Audience::Missing,
+                Some(Strings::One(aud)) if meant_for_us(aud) => Audience::Accepted,
+                Some(Strings::Many(auds)) if auds.iter().any(|a| meant_for_us(a)) => {
+                    Audience::Accepted
+                }
+                Some(_) => Audience::Other,
+            }
+        };
+        Ok(Unverified {
+            issuer,
+            alg,
+            kid,
+            signing_input: parsed.signing_input,
+            signature: parsed.signature,
+            payload_b64: parsed.payload_b64,
+            exp: claims.exp,
+            nbf: claims.nbf,
+            iat: claims.iat,
+            missing_claim: issuer
+                .required_claims
+                .iter()
+                .find(|name| !payload.contains(name))
+                .map(String::as_str),
+            audience,
+            subject: claims.sub.map(str::to_owned),
+            permissions: match claims.permissions {
+                None => Vec::new(),
+                Some(Strings::One(words)) => words.split_whitespace().map(str::to_owned).collect(),
+                Some(Strings::Many(items)) => items.iter().map(|p| String::from(&**p)).collect(),
+            },
+            token_id: claims.jti.map(str::to_owned),
+            cnf_x5t_s256: claims.cnf_x5t_s256.map(str::to_owned),
         })
     }
 
     /// The rules of the issuer named by `iss`, which must be a string equal to a configured
     /// issuer (never an array, never a substring).
-    fn issuer_of(&self, payload: &Map<String, Value>) -> Result<&IssuerRules, AuthError> {
-        let iss = match payload.get("iss") {
-            Some(Value::String(s)) => s,
+    fn issuer_of(&self, payload: &Payload<'_>) -> Result<&IssuerRules, AuthError> {
+        let iss = match payload.claim("iss") {
+            Some(Member::Str(s)) => s,
             Some(_) => {
                 return Err(AuthError::InvalidIssuer(
                     "the iss claim is not a string".into(),
@@ -270,7 +328,7 @@ impl JwtVerifier {
         };
         self.issuers
             .iter()
-            .find(|i| i.issuer == *iss)
+            .find(|i| *i.issuer == **iss)
             .ok_or_else(|| AuthError::InvalidIssuer("the token's issuer is not accepted".into()))
     }
 
@@ -323,17 +381,24 @@ fn rfc3339(unix: i64) -> String {
     }
 }
 
-/// A compact JWS split and decoded, borrowing from the token.
-struct Compact<'a> {
-    header: Map<String, Value>,
-    payload: Map<String, Value>,
-    payload_b64: &'a str,
+/// A compact JWS split and read, borrowing from the token and from its decoded header and
+/// payload.
+struct Compact<'t, 'd> {
+    header: HeaderMembers<'d>,
+    payload: Payload<'d>,
+    payload_b64: &'t str,
     /// `header.payload`, as signed.
-    signing_input: &'a str,
-    signature: &'a str,
+    signing_input: &'t str,
+    signature: &'t str,
 }
 
-fn parse_compact(token: &str) -> Result<Compact<'_>, AuthError> {
+/// Splits `token` and reads its header and payload, decoding both into `decoded`.
+/// `permissions_claims`: the payload members to keep besides the registered claims.
+fn parse_compact<'t, 'd>(
+    token: &'t str,
+    decoded: &'d mut Vec<u8>,
+    permissions_claims: &[String],
+) -> Result<Compact<'t, 'd>, AuthError> {
     let mut parts = token.splitn(6, '.');
     let segments: [Option<&str>; 4] = [parts.next(), parts.next(), parts.next(), parts.next()];
     let (header_b64, payload_b64, signature) = match segments {
@@ -344,8 +409,37 @@ fn parse_compact(token: &str) -> Result<Compact<'_>, AuthError> {
         _ => return Err(malformed("a token has three dot-separated segments")),
     };
     let signing_input = &token[..header_b64.len() + 1 + payload_b64.len()];
-    let header = decode_object(header_b64, "header")?;
-    let payload = decode_object(payload_b64, "payload")?;
+
+    // Both segments go into one buffer, so that their members can borrow from it; the errors
+    // still come in the order header (base64, JSON), payload (base64, JSON), signature.
+    decoded.clear();
+    decoded.reserve(
+        base64::decoded_len_estimate(header_b64.len())
+            + base64::decoded_len_estimate(payload_b64.len()),
+    );
+    URL_SAFE_NO_PAD
+        .decode_vec(header_b64, decoded)
+        .map_err(|_| malformed("the header is not base64url without padding"))?;
+    let header_len = decoded.len();
+    let payload_decoded = URL_SAFE_NO_PAD.decode_vec(payload_b64, decoded);
+    let decoded: &'d Vec<u8> = decoded;
+    let (header_json, payload_json) = decoded.split_at(header_len);
+
+    let mut keys = Vec::with_capacity(16);
+    let mut header = HeaderMembers::default();
+    read_object(header_json, &mut keys, &mut header, "header")?;
+    payload_decoded.map_err(|_| malformed("the payload is not base64url without padding"))?;
+    keys.clear();
+    let mut members = PayloadMembers {
+        registered: Default::default(),
+        permissions_claims,
+    };
+    read_object(payload_json, &mut keys, &mut members, "payload")?;
+    let payload = Payload {
+        registered: members.registered,
+        keys,
+    };
+
     // Checked here without keeping the bytes (the key decodes it again into its own buffer);
     // 1,400 characters hold an RSA-8192 signature.
     let mut scratch = [0u8; 1050];
@@ -365,14 +459,17 @@ fn parse_compact(token: &str) -> Result<Compact<'_>, AuthError> {
     })
 }
 
-/// base64url (no padding, strict) of a JSON object without duplicate keys.
-fn decode_object(segment: &str, what: &str) -> Result<Map<String, Value>, AuthError> {
-    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
-        AuthError::MalformedToken(format!("the {what} is not base64url without padding"))
-    })?;
-    match serde_json::from_slice::<StrictValue>(&bytes) {
-        Ok(StrictValue(Value::Object(map))) => Ok(map),
-        Ok(_) => Err(AuthError::MalformedToken(format!(
+/// A JSON object without duplicate keys, its members placed by `members`; `what` names the
+/// segment in errors.
+fn read_object<'d, M: Members<'d>>(
+    json: &'d [u8],
+    keys: &mut Vec<Key<'d>>,
+    members: &mut M,
+    what: &str,
+) -> Result<(), AuthError> {
+    match json::read_object(json, keys, members) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(AuthError::MalformedToken(format!(
             "the {what} is not a JSON object"
         ))),
         Err(e) if e.is_data() => Err(AuthError::MalformedToken(format!("the {what}: {e}"))),
@@ -382,16 +479,106 @@ fn decode_object(segment: &str, what: &str) -> Result<Map<String, Value>, AuthEr
     }
 }
 
-/// The header members portcullis acts on.
-struct Header {
-    alg: Algorithm,
-    kid: Option<String>,
+/// The header members the checks read; the rest are checked for duplicate keys and dropped.
+#[derive(Default)]
+struct HeaderMembers<'d> {
+    alg: Option<Member<'d>>,
+    kid: Option<Member<'d>>,
+    crit: Option<Member<'d>>,
+    cty: Option<Member<'d>>,
 }
 
-impl Header {
-    fn read(h: &Map<String, Value>) -> Result<Header, AuthError> {
-        let alg = match h.get("alg") {
-            Some(Value::String(a)) => a,
+impl<'d> Members<'d> for HeaderMembers<'d> {
+    fn place(&mut self, key: &str) -> Place<'_, 'd> {
+        match key {
+            "alg" => Place::Slot(&mut self.alg),
+            "kid" => Place::Slot(&mut self.kid),
+            "crit" => Place::Slot(&mut self.crit),
+            "cty" => Place::Slot(&mut self.cty),
+            _ => Place::Skip,
+        }
+    }
+}
+
+/// How many registered claims the checks read; see [`registered_slot`].
+const REGISTERED: usize = 8;
+
+/// The slot of a registered claim the checks read (a `match` rather than a search of a list:
+/// it runs for every payload member).
+fn registered_slot(name: &str) -> Option<usize> {
+    match name {
+        "iss" => Some(0),
+        "sub" => Some(1),
+        "aud" => Some(2),
+        "exp" => Some(3),
+        "nbf" => Some(4),
+        "iat" => Some(5),
+        "jti" => Some(6),
+        "cnf" => Some(7),
+        _ => None,
+    }
+}
+
+/// Places payload members while the payload is read: registered claims into their slots, the
+/// members named by a `permissions_claim` into their keys, the rest nowhere.
+struct PayloadMembers<'d, 'c> {
+    registered: [Option<Member<'d>>; REGISTERED],
+    permissions_claims: &'c [String],
+}
+
+impl<'d> Members<'d> for PayloadMembers<'d, '_> {
+    fn place(&mut self, key: &str) -> Place<'_, 'd> {
+        if let Some(i) = registered_slot(key) {
+            Place::Slot(&mut self.registered[i])
+        } else if self.permissions_claims.iter().any(|p| p == key) {
+            Place::Key
+        } else {
+            Place::Skip
+        }
+    }
+}
+
+/// The payload as read: registered claims in slots, and every top-level key (with the value
+/// of those named by a `permissions_claim`).
+struct Payload<'d> {
+    registered: [Option<Member<'d>>; REGISTERED],
+    keys: Vec<Key<'d>>,
+}
+
+impl<'d> Payload<'d> {
+    /// The claim `name`, if the token has it and it was kept: registered claims and every
+    /// issuer's `permissions_claim` are.
+    fn claim(&self, name: &str) -> Option<&Member<'d>> {
+        match registered_slot(name) {
+            Some(i) => self.registered[i].as_ref(),
+            None => self
+                .keys
+                .iter()
+                .find(|k| k.name == name)
+                .and_then(|k| k.value.as_ref()),
+        }
+    }
+
+    /// Whether the token has the claim `name` (of any type, kept or not).
+    fn contains(&self, name: &str) -> bool {
+        match registered_slot(name) {
+            Some(i) => self.registered[i].is_some(),
+            None => self.keys.iter().any(|k| k.name == name),
+        }
+    }
+}
+
+/// The header members portcullis acts on.
+struct Header<'d> {
+    alg: Algorithm,
+    /// Moved out of the header's members, so that only it is kept during the key look-up.
+    kid: Option<Cow<'d, str>>,
+}
+
+impl<'d> Header<'d> {
+    fn read(h: &mut HeaderMembers<'d>) -> Result<Header<'d>, AuthError> {
+        let alg = match &h.alg {
+            Some(Member::Str(a)) => a,
             Some(_) => return Err(malformed("the alg header is not a string")),
             None => return Err(malformed("the token has no alg header")),
         };
@@ -400,20 +587,20 @@ impl Header {
                 "unsigned tokens (alg none) are never accepted".into(),
             ));
         }
-        if h.contains_key("crit") {
+        if h.crit.is_some() {
             return Err(malformed("tokens with a crit header are not accepted"));
         }
-        match h.get("cty") {
+        match &h.cty {
             None => {}
-            Some(Value::String(c)) if c.eq_ignore_ascii_case("JWT") => {
+            Some(Member::Str(c)) if c.eq_ignore_ascii_case("JWT") => {
                 return Err(malformed("nested tokens (cty JWT) are not accepted"))
             }
-            Some(Value::String(_)) => {}
+            Some(Member::Str(_)) => {}
             Some(_) => return Err(malformed("the cty header is not a string")),
         }
-        let kid = match h.get("kid") {
+        let kid = match h.kid.take() {
             None => None,
-            Some(Value::String(k)) => Some(k.clone()),
+            Some(Member::Str(k)) => Some(k),
             Some(_) => return Err(malformed("the kid header is not a string")),
         };
         // jku, x5u, x5c and jwk are deliberately ignored: keys come from configuration only.
@@ -426,60 +613,97 @@ impl Header {
     }
 }
 
-/// The payload claims portcullis acts on, with their JSON types checked.
-struct Claims {
-    sub: Option<String>,
+/// A token read and checked up to its signature, holding only what the checks after it need.
+struct Unverified<'a> {
+    issuer: &'a IssuerRules,
+    alg: Algorithm,
+    kid: Option<Cow<'a, str>>,
+    /// `header.payload`, as signed.
+    signing_input: &'a str,
+    signature: &'a str,
+    payload_b64: &'a str,
     exp: Option<i64>,
     nbf: Option<i64>,
     iat: Option<i64>,
-    aud: Option<Vec<String>>,
-    jti: Option<String>,
+    /// The first of the issuer's `required_claims` the token lacks.
+    missing_claim: Option<&'a str>,
+    audience: Audience,
+    subject: Option<String>,
     permissions: Vec<String>,
+    token_id: Option<String>,
     cnf_x5t_s256: Option<String>,
 }
 
-impl Claims {
-    fn read(p: &Map<String, Value>, permissions_claim: &str) -> Result<Claims, AuthError> {
-        let sub = match p.get("sub") {
+/// The outcome of the `aud` check, reported only once the signature verified.
+enum Audience {
+    /// `aud` names this service, or the issuer has no `audiences`.
+    Accepted,
+    Missing,
+    Other,
+}
+
+/// A claim that is a string or an array of strings, as sent.
+#[derive(Clone, Copy)]
+enum Strings<'a> {
+    One(&'a str),
+    Many(&'a [Cow<'a, str>]),
+}
+
+impl<'a> Strings<'a> {
+    fn of(member: &'a Member<'_>) -> Option<Strings<'a>> {
+        match member {
+            Member::Str(s) => Some(Strings::One(s)),
+            Member::Strings(items) => Some(Strings::Many(items)),
+            _ => None,
+        }
+    }
+}
+
+/// The payload claims portcullis acts on, with their JSON types checked.
+struct Claims<'a> {
+    sub: Option<&'a str>,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+    aud: Option<Strings<'a>>,
+    jti: Option<&'a str>,
+    /// A string (of space-separated permissions, as OAuth's `scope`) or strings.
+    permissions: Option<Strings<'a>>,
+    cnf_x5t_s256: Option<&'a str>,
+}
+
+impl<'a> Claims<'a> {
+    fn read(p: &'a Payload<'_>, permissions_claim: &str) -> Result<Claims<'a>, AuthError> {
+        let sub = match p.claim("sub") {
             None => None,
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Member::Str(s)) => Some(&**s),
             Some(_) => return Err(malformed("the sub claim is not a string")),
         };
-        let aud = match p.get("aud") {
+        let aud = match p.claim("aud") {
             None => None,
-            Some(Value::String(a)) => Some(vec![a.clone()]),
-            Some(Value::Array(items)) => Some(
-                strings(items)
+            Some(m) => Some(
+                Strings::of(m)
                     .ok_or_else(|| malformed("the aud claim is not a string or strings"))?,
             ),
-            Some(_) => return Err(malformed("the aud claim is not a string or strings")),
         };
-        let permissions = match p.get(permissions_claim) {
-            None => Vec::new(),
-            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
-            Some(Value::Array(items)) => strings(items).ok_or_else(|| {
+        let permissions = match p.claim(permissions_claim) {
+            None => None,
+            Some(m) => Some(Strings::of(m).ok_or_else(|| {
                 AuthError::MalformedToken(format!(
                     "the {permissions_claim} claim is not a string or strings"
                 ))
-            })?,
-            Some(_) => {
-                return Err(AuthError::MalformedToken(format!(
-                    "the {permissions_claim} claim is not a string or strings"
-                )))
-            }
+            })?),
         };
         // A confirmation the proxy cannot check must not be ignored: `cnf` with members other
         // than x5t#S256 (a jkt, a jwk) is refused rather than passed as an unbound token.
-        let cnf_x5t_s256 = match p.get("cnf") {
+        let cnf_x5t_s256 = match p.claim("cnf") {
             None => None,
-            Some(Value::Object(cnf)) => match cnf.get("x5t#S256") {
-                Some(Value::String(t)) if cnf.len() == 1 => Some(t.clone()),
-                _ => {
-                    return Err(malformed(
-                        "the cnf claim holds a confirmation other than x5t#S256",
-                    ))
-                }
-            },
+            Some(Member::Thumbprint(t)) => Some(&**t),
+            Some(Member::Object) => {
+                return Err(malformed(
+                    "the cnf claim holds a confirmation other than x5t#S256",
+                ))
+            }
             Some(_) => return Err(malformed("the cnf claim is not an object")),
         };
         Ok(Claims {
@@ -489,101 +713,24 @@ impl Claims {
             nbf: time_claim(p, "nbf")?,
             iat: time_claim(p, "iat")?,
             aud,
-            jti: p.get("jti").and_then(Value::as_str).map(str::to_owned),
+            jti: match p.claim("jti") {
+                Some(Member::Str(s)) => Some(s),
+                _ => None,
+            },
             permissions,
         })
     }
 }
 
-fn strings(items: &[Value]) -> Option<Vec<String>> {
-    items
-        .iter()
-        .map(|v| v.as_str().map(str::to_owned))
-        .collect()
-}
-
 /// A NumericDate claim, which must be a JSON integer that fits i64 (not a string, a float,
 /// `1e10` or a huge number).
-fn time_claim(p: &Map<String, Value>, name: &str) -> Result<Option<i64>, AuthError> {
-    match p.get(name) {
+fn time_claim(p: &Payload<'_>, name: &str) -> Result<Option<i64>, AuthError> {
+    match p.claim(name) {
         None => Ok(None),
-        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+        Some(Member::Int(n)) => Ok(Some(*n)),
         Some(_) => Err(AuthError::MalformedToken(format!(
             "the {name} claim is not an integer number of seconds"
         ))),
-    }
-}
-
-/// A JSON value read with one rule more than `serde_json::Value`: an object with the same key
-/// twice, at any depth, is an error (parsers disagree on which copy wins).
-struct StrictValue(Value);
-
-impl<'de> Deserialize<'de> for StrictValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(StrictValue)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> Visitor<'de> for StrictVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        // NaN and infinities cannot come out of JSON text; `from_f64` maps them to null anyway.
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(StrictValue(v)) = seq.next_element()? {
-            items.push(v);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(de::Error::custom(format!("duplicate key {key:?}")));
-            }
-            let StrictValue(value) = map.next_value()?;
-            object.insert(key, value);
-        }
-        Ok(Value::Object(object))
     }
 }
 
@@ -670,7 +817,7 @@ mod tests {
     async fn valid_token_yields_identity() {
         let token = KEYS.rs256.sign(&claims());
         let v = check(&token).await.unwrap();
-        assert_eq!(v.issuer, ISSUER);
+        assert_eq!(&*v.issuer, ISSUER);
         assert_eq!(v.subject.as_deref(), Some("user-1"));
         assert_eq!(v.permissions, ["read:data", "write:data"]);
         assert_eq!(v.permissions_header, "read:data,write:data");
@@ -1186,6 +1333,203 @@ mod tests {
         v.verify(&token, NOW).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_err!(v.verify(&token, NOW).await, KeysUnavailable);
+    }
+
+    /// `payload` (raw JSON) signed with ES256 under the test key's kid.
+    fn raw_token(payload: &str) -> String {
+        let header = json!({"alg": "ES256", "kid": KEYS.es256.kid()}).to_string();
+        sign_raw(&header, payload, &KEYS.es256)
+    }
+
+    #[tokio::test]
+    async fn duplicate_key_inside_a_skipped_header_member_is_malformed() {
+        let header = format!(
+            r#"{{"alg":"ES256","kid":"{}","jwk":{{"kty":"EC","kty":"RSA"}}}}"#,
+            KEYS.es256.kid()
+        );
+        match check(&sign_raw(&header, &claims().to_string(), &KEYS.es256)).await {
+            Err(AuthError::MalformedToken(why)) => {
+                assert!(
+                    why.starts_with("the header: duplicate key \"kty\""),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicate_key_inside_a_kept_claim_is_malformed() {
+        for claim in [
+            r#""cnf":{"x5t#S256":"a","x5t#S256":"b"}"#,
+            r#""cnf":{"x5t#S256":"a","jwk":{"k":1,"k":2}}"#,
+            r#""permissions":["read:data",{"a":1,"a":2}]"#,
+            r#""aud":[{"a":1,"\u0061":2}]"#,
+        ] {
+            let payload = format!(
+                r#"{{"iss":"{ISSUER}","sub":"u","iat":{},"exp":{},{claim}}}"#,
+                NOW - 10,
+                NOW + 600
+            );
+            match check(&raw_token(&payload)).await {
+                Err(AuthError::MalformedToken(why)) => {
+                    assert!(why.contains("duplicate key"), "{claim}: {why}")
+                }
+                other => panic!("{claim}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn escaped_keys_name_the_same_claim() {
+        let payload = format!(
+            r#"{{"\u0069ss":"{ISSUER}","s\u0075b":"u","iat":{},"exp":{}}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        let verified = check(&raw_token(&payload)).await.unwrap();
+        assert_eq!(&*verified.issuer, ISSUER);
+        assert_eq!(verified.subject.as_deref(), Some("u"));
+
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"u","iat":{},"exp":{},"\u0069ss":"{ISSUER}"}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        match check(&raw_token(&payload)).await {
+            Err(AuthError::MalformedToken(why)) => {
+                assert!(
+                    why.starts_with("the payload: duplicate key \"iss\""),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn escaped_strings_are_read_unescaped() {
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","sub":"user\u002d1","iat":{},"exp":{},"jti":"t\"1","permissions":["re\u0061d:data","write:data"]}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        let verified = check(&raw_token(&payload)).await.unwrap();
+        assert_eq!(verified.subject.as_deref(), Some("user-1"));
+        assert_eq!(verified.token_id.as_deref(), Some("t\"1"));
+        assert_eq!(verified.permissions, ["read:data", "write:data"]);
+    }
+
+    #[tokio::test]
+    async fn permissions_before_iss_are_read() {
+        let payload = format!(
+            r#"{{"permissions":["read:data"],"exp":{},"iat":{},"sub":"u","iss":"{ISSUER}"}}"#,
+            NOW + 600,
+            NOW - 10
+        );
+        let verified = check(&raw_token(&payload)).await.unwrap();
+        assert_eq!(verified.permissions, ["read:data"]);
+        assert_eq!(verified.permissions_header, "read:data");
+    }
+
+    #[tokio::test]
+    async fn only_the_issuers_permissions_claim_is_type_checked() {
+        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "scope".into()).await;
+        let token = KEYS.es256.sign(&with(
+            with(claims(), "permissions", json!(1)),
+            "scope",
+            json!("a b"),
+        ));
+        assert_eq!(v.verify(&token, NOW).await.unwrap().permissions, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn permissions_claim_may_be_a_registered_claim() {
+        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "aud".into()).await;
+        let token = KEYS.es256.sign(&with(claims(), "aud", json!(["a", "b"])));
+        assert_eq!(v.verify(&token, NOW).await.unwrap().permissions, ["a", "b"]);
+        let token = KEYS.es256.sign(&with(claims(), "aud", json!({"a": 1})));
+        assert_eq!(
+            v.verify(&token, NOW).await.err(),
+            Some(AuthError::MalformedToken(
+                "the aud claim is not a string or strings".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn jti_of_another_type_is_ignored() {
+        for (jti, kept) in [
+            (json!("t-1"), Some("t-1")),
+            (json!(5), None),
+            (json!(["t-1"]), None),
+            (json!(null), None),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "jti", jti.clone()));
+            let verified = check(&token).await.unwrap();
+            assert_eq!(verified.token_id.as_deref(), kept, "{jti}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cnf_must_hold_only_an_x5t_s256_string() {
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "cnf", json!({"x5t#S256": "thumb"})));
+        let verified = check(&token).await.unwrap();
+        assert_eq!(verified.cnf_x5t_s256.as_deref(), Some("thumb"));
+        let escaped = format!(
+            r#"{{"iss":"{ISSUER}","sub":"u","iat":{},"exp":{},"cnf":{{"x5t\u0023S256":"thumb"}}}}"#,
+            NOW - 10,
+            NOW + 600
+        );
+        let verified = check(&raw_token(&escaped)).await.unwrap();
+        assert_eq!(verified.cnf_x5t_s256.as_deref(), Some("thumb"));
+
+        let other = "the cnf claim holds a confirmation other than x5t#S256";
+        let not_object = "the cnf claim is not an object";
+        for (cnf, why) in [
+            (json!({"x5t#S256": "thumb", "jkt": "k"}), other),
+            (json!({"jkt": "k"}), other),
+            (json!({}), other),
+            (json!({"x5t#S256": 1}), other),
+            (json!({"x5t#S256": ["thumb"]}), other),
+            (json!("thumb"), not_object),
+            (json!(["thumb"]), not_object),
+            (json!(null), not_object),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "cnf", cnf.clone()));
+            assert_eq!(
+                check(&token).await.err(),
+                Some(AuthError::MalformedToken(why.into())),
+                "{cnf}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn header_errors_come_before_payload_errors() {
+        let header = URL_SAFE_NO_PAD.encode("{");
+        assert_eq!(
+            check(&format!("{header}.!.c2ln")).await.err(),
+            Some(AuthError::MalformedToken(
+                "the header is not valid JSON".into()
+            ))
+        );
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
+        let payload = URL_SAFE_NO_PAD.encode("[]");
+        assert_eq!(
+            check(&format!("{header}.{payload}.!")).await.err(),
+            Some(AuthError::MalformedToken(
+                "the payload is not a JSON object".into()
+            ))
+        );
+        assert_eq!(
+            check(&format!("{header}.!.c2ln")).await.err(),
+            Some(AuthError::MalformedToken(
+                "the payload is not base64url without padding".into()
+            ))
+        );
     }
 
     #[test]

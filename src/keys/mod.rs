@@ -77,9 +77,24 @@ struct KeySet {
     loaded_at: Instant,
 }
 
+/// The keys that may verify a token: the one its `kid` names or, without a `kid`, every key
+/// that fits its `alg`. Never empty; a single key (the usual case) needs no allocation.
+#[derive(Debug)]
+pub struct CandidateKeys {
+    first: Arc<VerificationKey>,
+    rest: Vec<Arc<VerificationKey>>,
+}
+
+impl CandidateKeys {
+    /// The keys, in the order they are held: configured secrets first, then the JWKS.
+    pub fn iter(&self) -> impl Iterator<Item = &VerificationKey> {
+        std::iter::once(&*self.first).chain(self.rest.iter().map(|k| &**k))
+    }
+}
+
 /// The outcome of one look-up in the keys held now.
 enum Lookup {
-    Found(Vec<Arc<VerificationKey>>),
+    Found(CandidateKeys),
     /// A key with the token's `kid` exists but is of another kind (or pinned to another alg).
     WrongType(String),
     Missing,
@@ -176,7 +191,7 @@ impl KeyStore {
         issuer: &str,
         kid: Option<&str>,
         alg: Algorithm,
-    ) -> Result<Vec<Arc<VerificationKey>>, AuthError> {
+    ) -> Result<CandidateKeys, AuthError> {
         let Some(keys) = self.issuers.get(issuer) else {
             return Err(AuthError::InvalidIssuer(
                 "the token's issuer is not configured".into(),
@@ -259,28 +274,53 @@ impl IssuerKeys {
     }
 
     fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Lookup {
-        let jwks = self.usable_jwks();
-        let jwks_keys = jwks.as_ref().map(|s| s.keys.as_slice()).unwrap_or(&[]);
-        let all = || self.secrets.iter().chain(jwks_keys.iter());
         match kid {
-            Some(kid) => match all().find(|k| k.kid.as_deref() == Some(kid)) {
-                Some(k) if k.fits(alg) => Lookup::Found(vec![k.clone()]),
-                Some(k) if k.kind.fits(alg) => Lookup::WrongType(format!(
-                    "key {kid:?} only verifies {:?}, not {alg:?}",
-                    k.alg
-                )),
-                Some(k) => Lookup::WrongType(format!(
-                    "key {kid:?} is {}; {alg:?} does not fit it",
-                    k.kind.name()
-                )),
-                None => Lookup::Missing,
-            },
-            None => {
-                let found: Vec<_> = all().filter(|k| k.fits(alg)).cloned().collect();
-                if found.is_empty() {
-                    Lookup::Missing
+            Some(kid) => {
+                // Secrets first, as they are listed before the JWKS; the JWKS (and the clock, for
+                // its age) only when no secret has this kid.
+                let named = |k: &&Arc<VerificationKey>| k.kid.as_deref() == Some(kid);
+                let jwks;
+                let key = match self.secrets.iter().find(named) {
+                    Some(k) => k,
+                    None => {
+                        jwks = self.usable_jwks();
+                        match jwks.as_ref().and_then(|s| s.keys.iter().find(named)) {
+                            Some(k) => k,
+                            None => return Lookup::Missing,
+                        }
+                    }
+                };
+                if key.fits(alg) {
+                    Lookup::Found(CandidateKeys {
+                        first: key.clone(),
+                        rest: Vec::new(),
+                    })
+                } else if key.kind.fits(alg) {
+                    Lookup::WrongType(format!(
+                        "key {kid:?} only verifies {:?}, not {alg:?}",
+                        key.alg
+                    ))
                 } else {
-                    Lookup::Found(found)
+                    Lookup::WrongType(format!(
+                        "key {kid:?} is {}; {alg:?} does not fit it",
+                        key.kind.name()
+                    ))
+                }
+            }
+            None => {
+                let jwks = self.usable_jwks();
+                let jwks_keys = jwks.as_ref().map(|s| s.keys.as_slice()).unwrap_or(&[]);
+                let mut fitting = self
+                    .secrets
+                    .iter()
+                    .chain(jwks_keys.iter())
+                    .filter(|k| k.fits(alg));
+                match fitting.next() {
+                    Some(first) => Lookup::Found(CandidateKeys {
+                        first: first.clone(),
+                        rest: fitting.cloned().collect(),
+                    }),
+                    None => Lookup::Missing,
                 }
             }
         }
@@ -424,7 +464,7 @@ mod tests {
         store
             .keys_for(ISSUER, Some(key.kid()), key.alg())
             .await
-            .map(|k| k.len())
+            .map(|k| k.iter().count())
     }
 
     fn count(metrics: &Metrics, result: &str) -> usize {
@@ -566,7 +606,7 @@ mod tests {
                     store
                         .keys_for(ISSUER, Some(&kid), Algorithm::ES256)
                         .await
-                        .map(|k| k.len())
+                        .map(|k| k.iter().count())
                 })
             })
             .collect();
@@ -698,10 +738,27 @@ mod tests {
             .keys_for(ISSUER, None, Algorithm::ES256)
             .await
             .unwrap();
-        assert_eq!(found.len(), 2);
+        assert_eq!(found.iter().count(), 2);
         assert!(matches!(
             store.keys_for(ISSUER, None, Algorithm::ES384).await,
             Err(AuthError::UnknownKey(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn hmac_secrets_are_served_while_the_jwks_is_too_stale() {
+        let secret = TestKey::hs256(&[7u8; 32]);
+        let key = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&key])).await;
+        let mut config = issuer(url(&server), &[&secret]);
+        config.jwks_max_stale = Duration::from_millis(200);
+        let (store, _) = store(config).await;
+        server.serve(503, "down");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(find(&store, &secret).await, Ok(1));
+        assert!(matches!(
+            find(&store, &key).await,
+            Err(AuthError::KeysUnavailable(_))
         ));
     }
 
