@@ -201,6 +201,13 @@ pub struct Requirements {
     pub jwt: bool,
 }
 
+impl Requirements {
+    /// Whether the route checks anything at all (a public route does not).
+    pub fn any(&self) -> bool {
+        self.mtls || self.signature || self.jwt
+    }
+}
+
 /// A route's rate limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimit {

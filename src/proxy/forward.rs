@@ -115,7 +115,9 @@ impl Upstream {
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let (mut sender, reused) = match self.pool.checkout() {
             Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
+            // Boxed: a new connection is the rare case, and its future would otherwise make every
+            // request's future larger (futures are moved, so their size is paid on each one).
+            None => (Box::pin(self.connect()).await?, false),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -124,7 +126,7 @@ impl Upstream {
                 // written: nothing reached the upstream, so it is sent once more on a new one.
                 Some(request) if reused => {
                     tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
-                    sender = self.connect().await?;
+                    sender = Box::pin(self.connect()).await?;
                     sender.send_request(request).await?
                 }
                 _ => return Err(e.into_error().into()),

@@ -196,7 +196,9 @@ impl RedisConnection {
         &self,
         command: impl std::future::Future<Output = Result<T, FredError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.timeout, command).await {
+        // Boxed: fred's command futures are large, and unboxed they would be copied into every
+        // future that awaits them (the request's among them).
+        match tokio::time::timeout(self.inner.timeout, Box::pin(command)).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(_) => Err(StoreError::Timeout(self.inner.timeout)),
         }
@@ -220,7 +222,11 @@ impl RedisConnection {
         let client = self.client();
         let first = tokio::time::timeout(
             self.inner.timeout,
-            client.evalsha::<R, _, _, _>(script.sha1.as_str(), keys.clone(), args.clone()),
+            Box::pin(client.evalsha::<R, _, _, _>(
+                script.sha1.as_str(),
+                keys.clone(),
+                args.clone(),
+            )),
         )
         .await;
         match first {
@@ -361,13 +367,13 @@ impl NonceStore for RedisNonceStore {
         let client = self.connection.client();
         let reply: Option<String> = self
             .connection
-            .bounded(client.set(
+            .bounded(Box::pin(client.set(
                 key,
                 1,
                 Some(Expiration::PX(ttl_ms)),
                 Some(SetOptions::NX),
                 false,
-            ))
+            )))
             .await?;
         Ok(match reply {
             Some(_) => NonceOutcome::Fresh,
