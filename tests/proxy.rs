@@ -453,6 +453,31 @@ async fn a_response_the_client_abandons_does_not_poison_the_pool() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_without_host_reaches_the_upstream_with_its_authority() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /public/old?q=1 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/public/old?q=1");
+    let authority = upstream.addr.to_string();
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
+    assert_eq!(seen.header("x-forwarded-host"), None);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_slower_than_request_timeout_is_504() {
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;
