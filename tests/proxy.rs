@@ -320,10 +320,19 @@ async fn upstream_down_is_502() {
 
 /// A bare HTTP/1.1 upstream on a socket: answers every request on a connection with `body`
 /// (`Content-Length`, keep-alive), and counts connections. With `close_after_answer` it closes
-/// each connection right after its first answer without saying so, as an upstream whose
-/// keep-alive timeout ran out does.
+/// each connection after its first answer without saying so (after `close_delay`), as an
+/// upstream whose keep-alive timeout ran out does; a request that arrived meanwhile is never
+/// read (the close then resets the connection).
 async fn counting_upstream(
     close_after_answer: bool,
+    body: &'static [u8],
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    counting_upstream_with_delay(close_after_answer, std::time::Duration::ZERO, body).await
+}
+
+async fn counting_upstream_with_delay(
+    close_after_answer: bool,
+    close_delay: std::time::Duration,
     body: &'static [u8],
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -359,6 +368,9 @@ async fn counting_upstream(
                             return;
                         }
                         if close_after_answer {
+                            if !close_delay.is_zero() {
+                                tokio::time::sleep(close_delay).await;
+                            }
                             return;
                         }
                     }
@@ -411,6 +423,31 @@ async fn an_upstream_closing_idle_connections_costs_no_request() {
     }
     // Every answer came on its own connection, and none of the closed ones was used again.
     assert_eq!(connections.load(Ordering::SeqCst), 20);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_survive_an_upstream_closing_a_reused_connection_under_them() {
+    // The upstream closes each connection 1 ms after its answer: back-to-back requests land
+    // on a connection as it closes, and are reset without an answer. GETs are sent again.
+    let (addr, connections) =
+        counting_upstream_with_delay(true, std::time::Duration::from_millis(1), b"ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(
+        &config_text(addr, &routes()),
+        dir.path(),
+        &[("HS_SECRET", SECRET)],
+    )
+    .await;
+    for i in 0..200 {
+        let response = get(&proxy.url(&format!("/public/{i}")), &[]).await;
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 200);
     proxy.stop().await;
 }
 

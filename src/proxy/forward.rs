@@ -15,8 +15,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
@@ -119,13 +120,22 @@ impl Upstream {
             // request's future larger (futures are moved, so their size is paid on each one).
             None => (Box::pin(self.connect()).await?, false),
         };
+        // A reused connection may have been closed by the upstream an instant before the
+        // request went out (its keep-alive timeout ran out): the request then fails with no
+        // answer. An idempotent request whose body is in hand is sent once more on a new
+        // connection, as nginx and Envoy do; others get 502.
+        let replay = if reused { replay_copy(&request) } else { None };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
-            Err(mut e) => match e.take_message() {
-                // The idle connection was closed by the upstream before the request was
-                // written: nothing reached the upstream, so it is sent once more on a new one.
-                Some(request) if reused => {
+            Err(mut e) => match (e.take_message(), replay) {
+                // Closed before the request was written: nothing reached the upstream.
+                (Some(request), _) if reused => {
                     tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
+                    sender = Box::pin(self.connect()).await?;
+                    sender.send_request(request).await?
+                }
+                (None, Some(request)) if closed_without_answer(e.error()) => {
+                    tracing::debug!(error = %e.error(), "reused upstream connection closed without an answer; retrying the idempotent request on a new one");
                     sender = Box::pin(self.connect()).await?;
                     sender.send_request(request).await?
                 }
@@ -157,6 +167,45 @@ impl Upstream {
         });
         Ok(sender)
     }
+}
+
+/// A copy of `request` to send again, when that is safe: an idempotent method (RFC 9110
+/// section 9.2.2) and a body already in hand (empty, or read for a signature check).
+fn replay_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    let Either::Right(body) = request.body() else {
+        return None;
+    };
+    if !idempotent {
+        return None;
+    }
+    let mut copy = Request::new(Either::Right(body.clone()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// The connection ended before any answer: closed or reset by the upstream.
+fn closed_without_answer(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        })
 }
 
 /// Idle connections, the most recently used at the back.
