@@ -127,20 +127,17 @@ impl Upstream {
         let replay = if reused { replay_copy(&request) } else { None };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
-            Err(mut e) => match (e.take_message(), replay) {
-                // Closed before the request was written: nothing reached the upstream.
-                (Some(request), _) if reused => {
-                    tracing::debug!(error = %e.error(), "idle upstream connection was closed; retrying on a new one");
-                    sender = Box::pin(self.connect()).await?;
-                    sender.send_request(request).await?
-                }
-                (None, Some(request)) if closed_without_answer(e.error()) => {
-                    tracing::debug!(error = %e.error(), "reused upstream connection closed without an answer; retrying the idempotent request on a new one");
-                    sender = Box::pin(self.connect()).await?;
-                    sender.send_request(request).await?
-                }
-                _ => return Err(e.into_error().into()),
-            },
+            Err(mut e) => {
+                let retry = match (e.take_message(), replay) {
+                    // Closed before the request was written: nothing reached the upstream.
+                    (Some(request), _) if reused => request,
+                    (None, Some(request)) if closed_without_answer(e.error()) => request,
+                    _ => return Err(e.into_error().into()),
+                };
+                tracing::debug!(error = %e.error(), "reused upstream connection closed without an answer; sending the request once more on a new one");
+                sender = Box::pin(self.connect()).await?;
+                sender.send_request(retry).await?
+            }
         };
         let pool = self.pool.clone();
         Ok(response.map(|body| ResponseBody {
