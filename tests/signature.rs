@@ -371,6 +371,76 @@ async fn a_bearer_token_and_x_signature_pass_together() {
     proxy.stop().await;
 }
 
+/// The nonce write and the token check overlap on a route that needs both; the answers must
+/// still be those of DESIGN's order: signature, then nonce, then token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_request_with_a_token_is_answered_in_design_order() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy =
+        TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
+    let host = proxy.addr.to_string();
+    let key = TestKey::hs256(HS_SECRET.as_bytes()).with_kid("internal-1");
+    let token = |exp: u64| {
+        key.sign(&serde_json::json!({
+            "iss": "https://internal.test", "sub": "svc-a", "iat": now() - 600, "exp": exp,
+        }))
+    };
+    let (good, expired) = (token(now() + 300), token(now() - 300));
+    let addr = proxy.addr;
+    // The token as a bearer, the signature in X-Signature.
+    let send = |s: Signed, t: String| async move {
+        let head = format!(
+            "{} {} HTTP/1.1\nHost: {}\nAuthorization: Bearer {t}\nX-Signature: {}\nContent-Length: {}",
+            s.method,
+            s.target,
+            s.host,
+            s.header,
+            s.body.len()
+        );
+        raw(addr, &head, &s.body).await
+    };
+
+    // The store connects in the background: wait until the proxy says it is ready.
+    let started = Instant::now();
+    while get(&proxy.admin_url("/readyz"), &[]).await.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not ready within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fresh = signed("POST", "/both/a", &host, b"{}");
+    assert_eq!(send(fresh, good.clone()).await.status, 200);
+
+    // A good signature with an expired token: the token's answer, and the nonce is used up
+    // all the same (it was recorded before the token was looked at).
+    let s = signed("POST", "/both/b", &host, b"{}");
+    assert_refused(
+        &send(s.clone(), expired.clone()).await,
+        401,
+        "token_expired",
+    );
+    assert_refused(&send(s, good.clone()).await, 401, "nonce_replayed");
+
+    // A bad signature is refused before either store or token is asked.
+    let mut forged = signed("POST", "/both/c", &host, b"{}");
+    forged.body = b"{1}".to_vec();
+    assert_refused(
+        &send(forged, expired.clone()).await,
+        401,
+        "signature_mismatch",
+    );
+
+    // The store cannot answer: 503 comes before the token's 401.
+    redis.kill();
+    let s = signed("POST", "/both/d", &host, b"{}");
+    assert_refused(&send(s, expired).await, 503, "store_unavailable");
+    assert_eq!(upstream.count(), 1);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_bodies_over_the_limit_get_413() {
     let upstream = Upstream::start().await;

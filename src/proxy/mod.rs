@@ -348,6 +348,12 @@ impl Proxy {
 
     /// Runs the route's checks in DESIGN.md's order (cheapest first):
     /// signature (HMAC, then nonce store) -> jwt -> permissions.
+    ///
+    /// The nonce write and the token check overlap: the token is verified while the store
+    /// answers, which takes a store round trip off the latency of a signed request with a
+    /// token. The outcomes are taken in the order above, so the answer (and the nonce being
+    /// used up) is what checking one after the other gives; a replayed request may cost a
+    /// token verification that the sequential order would have skipped.
     async fn check(
         &self,
         route: &Route,
@@ -356,30 +362,63 @@ impl Proxy {
         request_id: &str,
         conn: &ConnectionInfo,
     ) -> Result<Identity, Rejection> {
-        let headers = &parts.headers;
         let mut identity = Identity::default();
         if route.require.mtls {
             mtls::check(conn.client_cert.as_deref(), route.client_certs.as_ref())?;
         }
-        if route.require.signature {
-            let outcome = self
-                .check_signature(parts, body_sha256.unwrap_or_default(), request_id)
-                .await;
-            self.metrics.signature(match &outcome {
-                Ok(_) => "ok",
+        let signature = if route.require.signature {
+            match self.verify_signature(parts, body_sha256.unwrap_or_default()) {
+                Ok(verified) => Some(verified),
+                Err(e) => {
+                    self.metrics.signature(e.code());
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let nonce = async {
+            match &signature {
+                Some(verified) => self.record_nonce(verified, request_id).await,
+                None => Ok(()),
+            }
+        };
+        let token = async {
+            if route.require.jwt {
+                self.check_token(&parts.headers, conn, request_id)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (nonce, token) = tokio::join!(nonce, token);
+        if let Some(verified) = signature {
+            self.metrics.signature(match &nonce {
+                Ok(()) => "ok",
                 Err(e) => e.code(),
             });
-            identity.signature = Some(outcome?);
+            nonce?;
+            identity.signature = Some(verified);
         }
-        if route.require.jwt {
-            let token = bearer_token(headers)?;
-            let now = unix_now();
-            let verified = self.jwt.verify(token, now).await?;
-            check_certificate_binding(&verified, conn.client_cert.as_deref())?;
-            self.check_revocation(&verified, now, request_id)?;
-            identity.token = Some(verified);
-        }
+        identity.token = token?;
         Ok(identity)
+    }
+
+    /// The token check: a verified (or cached) token, bound to the connection's certificate
+    /// when it says so, and not revoked.
+    async fn check_token(
+        &self,
+        headers: &http::HeaderMap,
+        conn: &ConnectionInfo,
+        request_id: &str,
+    ) -> Result<Arc<VerifiedToken>, Rejection> {
+        let token = bearer_token(headers)?;
+        let now = unix_now();
+        let verified = self.jwt.verify(token, now).await?;
+        check_certificate_binding(&verified, conn.client_cert.as_deref())?;
+        self.check_revocation(&verified, now, request_id)?;
+        Ok(verified)
     }
 }
 
@@ -477,12 +516,11 @@ impl Proxy {
         }
     }
 
-    /// Verifies the scheme-v1 signature, then records its nonce once.
-    async fn check_signature(
+    /// Verifies the scheme-v1 signature (no I/O).
+    fn verify_signature(
         &self,
         parts: &http::request::Parts,
         body_sha256: &str,
-        request_id: &str,
     ) -> Result<VerifiedSignature, Rejection> {
         let header = signature_header(&parts.headers)?;
         let host = parts
@@ -501,7 +539,15 @@ impl Proxy {
             host,
             body_sha256_hex: body_sha256,
         };
-        let verified = self.signatures.verify(header, request, SystemTime::now())?;
+        Ok(self.signatures.verify(header, request, SystemTime::now())?)
+    }
+
+    /// Records a verified signature's nonce once: a second use is a replay.
+    async fn record_nonce(
+        &self,
+        verified: &VerifiedSignature,
+        request_id: &str,
+    ) -> Result<(), Rejection> {
         match self
             .nonces
             .record_once(
@@ -511,11 +557,9 @@ impl Proxy {
             )
             .await
         {
-            Ok(NonceOutcome::Fresh) => Ok(verified),
+            Ok(NonceOutcome::Fresh) => Ok(()),
             Ok(NonceOutcome::Replayed) => Err(AuthError::NonceReplayed.into()),
-            Err(e) => self
-                .store_failure("record_nonce", &e, request_id)
-                .map(|()| verified),
+            Err(e) => self.store_failure("record_nonce", &e, request_id),
         }
     }
 }
