@@ -8,6 +8,7 @@
 #   A=/path/to/old/portcullis B=target-release/release/portcullis bash bench/ab.sh
 #
 # Alternating rounds: HAProxy plain, A public, B public, HAProxy jwt_verify, A jwt, B jwt.
+# JWT=0 measures the public route only (and needs no fresh tokens).
 # Prints per run req/s and the process's CPU time per request (user+sys, /proc/PID/stat).
 # Same cores as compare.sh: proxies on CPU 0; nginx upstream and the load generator on CPU 1.
 set -euo pipefail
@@ -19,6 +20,7 @@ B=${B:?set B to the portcullis binary after the change}
 LOADGEN=${LOADGEN:-$HERE/loadgen/target/release/loadgen}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
+JWT=${JWT:-1}
 CONNS=${CONNS:-64}
 PORT_BASE=${PORT_BASE:-27100}
 UP_PORT=$PORT_BASE
@@ -27,7 +29,7 @@ HA_JWT=$((PORT_BASE + 3))
 
 [ -f "$DIR/tokens.txt" ] && [ -f "$DIR/portcullis-f.toml" ] || {
   echo "no compare.sh work folder at $DIR: run bench/compare.sh first" >&2; exit 1; }
-[ -z "$(find "$DIR/tokens.txt" -mmin +40)" ] || {
+[ "$JWT" = 0 ] || [ -z "$(find "$DIR/tokens.txt" -mmin +40)" ] || {
   echo "$DIR/tokens.txt is over 40 minutes old (tokens live 1 h): run bench/compare.sh again" >&2; exit 1; }
 
 pids=()
@@ -73,6 +75,7 @@ for round in $(seq "$ROUNDS"); do
   run "HAProxy plain" "$HA_PID" "http://127.0.0.1:$HA_PLAIN/public"
   run "A public" "${PID[A]}" "http://127.0.0.1:${PORT[A]}/public"
   run "B public" "${PID[B]}" "http://127.0.0.1:${PORT[B]}/public"
+  [ "$JWT" = 0 ] && continue
   run "HAProxy jwt_verify" "$HA_PID" "http://127.0.0.1:$HA_JWT/api/jwt" --tokens "$DIR/tokens.txt"
   run "A jwt (cache 0)" "${PID[A]}" "http://127.0.0.1:${PORT[A]}/api/jwt" --tokens "$DIR/tokens.txt"
   run "B jwt (cache 0)" "${PID[B]}" "http://127.0.0.1:${PORT[B]}/api/jwt" --tokens "$DIR/tokens.txt"

@@ -366,42 +366,36 @@ impl Proxy {
         if route.require.mtls {
             mtls::check(conn.client_cert.as_deref(), route.client_certs.as_ref())?;
         }
-        let signature = if route.require.signature {
-            match self.verify_signature(parts, body_sha256.unwrap_or_default()) {
-                Ok(verified) => Some(verified),
-                Err(e) => {
-                    self.metrics.signature(e.code());
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
-        let nonce = async {
-            match &signature {
-                Some(verified) => self.record_nonce(verified, request_id).await,
-                None => Ok(()),
-            }
-        };
-        let token = async {
+        if !route.require.signature {
             if route.require.jwt {
-                self.check_token(&parts.headers, conn, request_id)
-                    .await
-                    .map(Some)
-            } else {
-                Ok(None)
+                identity.token = Some(self.check_token(&parts.headers, conn, request_id).await?);
+            }
+            return Ok(identity);
+        }
+        let verified = match self.verify_signature(parts, body_sha256.unwrap_or_default()) {
+            Ok(verified) => verified,
+            Err(e) => {
+                self.metrics.signature(e.code());
+                return Err(e);
             }
         };
-        let (nonce, token) = tokio::join!(nonce, token);
-        if let Some(verified) = signature {
-            self.metrics.signature(match &nonce {
-                Ok(()) => "ok",
-                Err(e) => e.code(),
-            });
-            nonce?;
-            identity.signature = Some(verified);
+        let nonce = self.record_nonce(&verified, request_id);
+        let (nonce, token) = if route.require.jwt {
+            let token = self.check_token(&parts.headers, conn, request_id);
+            let (nonce, token) = tokio::join!(nonce, token);
+            (nonce, Some(token))
+        } else {
+            (nonce.await, None)
+        };
+        self.metrics.signature(match &nonce {
+            Ok(()) => "ok",
+            Err(e) => e.code(),
+        });
+        nonce?;
+        identity.signature = Some(verified);
+        if let Some(token) = token {
+            identity.token = Some(token?);
         }
-        identity.token = token?;
         Ok(identity)
     }
 
