@@ -352,8 +352,9 @@ impl Proxy {
     /// The nonce write and the token check overlap: the token is verified while the store
     /// answers, which takes a store round trip off the latency of a signed request with a
     /// token. The outcomes are taken in the order above, so the answer (and the nonce being
-    /// used up) is what checking one after the other gives; a replayed request may cost a
-    /// token verification that the sequential order would have skipped.
+    /// used up) is what checking one after the other gives. A replayed request may cost a
+    /// token verification (and a revocation look-up, counted in the store-error metric if the
+    /// mirror is stale) that the sequential order would have skipped.
     async fn check(
         &self,
         route: &Route,
