@@ -243,3 +243,74 @@ require = ["jwt"]
         );
     }
 }
+
+/// User + system CPU time of a process, in clock ticks (USER_HZ, 100 per second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Share of one core the process used over `over`, while nothing is sent to it.
+async fn idle_cpu_share(pid: u32, over: Duration) -> f64 {
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(over).await;
+    (cpu_ticks(pid) - before) as f64 / 100.0 / over.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_keeps_the_one_worker_awake_and_it_still_serves() {
+    let upstream = Upstream::start().await;
+    let text = config_text(
+        upstream.addr,
+        "[[routes]]\nname = \"public\"\npath_prefix = \"/\"\nrequire = []\n",
+    )
+    .replace("threads = 2", "threads = 1");
+    let quiet = ProxyProcess::spawn(&text, &[]);
+    let busy = ProxyProcess::spawn(
+        &text.replace("threads = 1", "threads = 1\nbusy_poll = true"),
+        &[],
+    );
+    for proxy in [&quiet, &busy] {
+        assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
+    }
+    let over = Duration::from_secs(1);
+    let (quiet_share, busy_share) = tokio::join!(
+        idle_cpu_share(quiet.pid(), over),
+        idle_cpu_share(busy.pid(), over)
+    );
+    // Busy polling spins a whole core (less when the tests beside it want the same core);
+    // without it an idle proxy sleeps in epoll_wait.
+    assert!(busy_share > 0.3, "busy_poll: {busy_share:.2} of a core");
+    assert!(
+        quiet_share < 0.1,
+        "no busy_poll: {quiet_share:.2} of a core"
+    );
+    for proxy in [&quiet, &busy] {
+        assert_eq!(get(&proxy.url("/y"), &[]).await.status, 200);
+    }
+}
+
+#[test]
+fn busy_poll_needs_one_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("busy.toml");
+    std::fs::write(
+        &file,
+        "[server]\nthreads = 2\nbusy_poll = true\n\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n",
+    )
+    .unwrap();
+    let out = portcullis()
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    assert!(
+        stdout.contains("error: server.busy_poll: needs threads = 1 (threads is 2)"),
+        "{stdout}"
+    );
+}

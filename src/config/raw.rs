@@ -30,6 +30,7 @@ pub(crate) struct RawServer {
     pub(crate) drain_timeout: Option<String>,
     pub(crate) max_body_bytes: Option<i64>,
     pub(crate) header_read_timeout: Option<String>,
+    pub(crate) busy_poll: Option<bool>,
     pub(crate) tls: Option<RawTls>,
 }
 

@@ -57,6 +57,7 @@ pub struct Server {
     admin: Arc<Admin>,
     drain_timeout: Duration,
     header_read_timeout: Duration,
+    busy_poll: bool,
     // Held so that background key refreshes live as long as the server.
     _keys: Arc<KeyStore>,
 }
@@ -98,6 +99,7 @@ impl Server {
             admin,
             drain_timeout: config.server.drain_timeout,
             header_read_timeout: config.server.header_read_timeout,
+            busy_poll: config.server.busy_poll,
             _keys: keys,
         })
     }
@@ -131,6 +133,9 @@ impl Server {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
         let _reloader = self.tls.as_ref().map(|t| AbortOnDrop(t.spawn_reloader()));
+        let _busy_poller = self
+            .busy_poll
+            .then(|| AbortOnDrop(tokio::spawn(busy_poll())));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         tracing::info!(
@@ -219,6 +224,16 @@ impl Server {
             tracing::warn!("drain timeout reached; closing the remaining connections");
         }
         Ok(())
+    }
+}
+
+/// Keeps the worker from sleeping: a task that is always ready to run, so that tokio's
+/// scheduler, finding nothing else to do, polls for I/O with a zero timeout (`epoll_wait` with
+/// timeout 0) instead of blocking in it. Costs a whole core; saves the wake-up from idle on
+/// every request, which on a VM can cost more than the request (`bench/README.md`).
+async fn busy_poll() {
+    loop {
+        tokio::task::yield_now().await;
     }
 }
 

@@ -155,6 +155,11 @@ impl ProxyProcess {
         }
     }
 
+    /// The process id, to read its CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
