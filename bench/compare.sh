@@ -10,6 +10,8 @@
 #   LOADGEN [bench/loadgen/target/release/loadgen] (built when missing)
 #   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i"]
 #   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i)); RATE=0 skips it
+#   BUSY [1]     the fixed-rate rounds once more with busy polling: HAProxy jwt_verify with
+#                `busy-polling` and (i) with `busy_poll = true`, each alone on the proxies' core
 #   MEM [1]      RSS with 1,000 idle keep-alive connections and a full verified cache
 #   WRK [1]      one wrk reference round of the plain targets (a, b, c, e)
 #   PORT_BASE [27100]  ports PORT_BASE .. PORT_BASE+40 on 127.0.0.1 must be free
@@ -31,6 +33,7 @@ TOKENS=${TOKENS:-200000}
 TARGETS=${TARGETS:-"a b c d e f g h i"}
 RATE=${RATE:-5000}
 RATE_ROUNDS=${RATE_ROUNDS:-$ROUNDS}
+BUSY=${BUSY:-1}
 MEM=${MEM:-1}
 WRK=${WRK:-1}
 PORT_BASE=${PORT_BASE:-27100}
@@ -201,12 +204,16 @@ REDIS_PID=$!; pids+=($REDIS_PID)
 wait_port "$REDIS_PORT"
 
 declare -A PC_PORT PC_PID PC_ADMIN
-start_portcullis() { # name index cache store
+start_portcullis() { # name index cache store [busy]
   local name=$1 i=$2 cache=$3 store=$4 url_line=""
   [ "$store" = redis ] && url_line="url = \"redis://127.0.0.1:$REDIS_PORT/0\""
   PC_PORT[$name]=$((PORT_BASE + 10 + i)); PC_ADMIN[$name]=$((PORT_BASE + 30 + i))
   fill "$TPL/portcullis.toml" PORT=${PC_PORT[$name]} ADMIN_PORT=${PC_ADMIN[$name]} \
     CACHE="$cache" STORE="$store" STORE_URL="$url_line" > "portcullis-$name.toml"
+  if [ "${5:-}" = busy ]; then
+    sed -i 's/^threads = 1$/threads = 1\nbusy_poll = true/' "portcullis-$name.toml"
+    grep -q '^busy_poll = true' "portcullis-$name.toml" || { echo "portcullis-$name.toml: no busy_poll line" >&2; exit 1; }
+  fi
   "$PORTCULLIS" check-config "portcullis-$name.toml" > /dev/null
   taskset -c "$SERVER_CPU" "$PORTCULLIS" proxy --config "portcullis-$name.toml" > "portcullis-$name.log" 2>&1 &
   PC_PID[$name]=$!; pids+=(${PC_PID[$name]})
@@ -340,6 +347,51 @@ PY
   RATE_MD+="The same figure for the yardsticks on this machine in the same rounds: HAProxy plain $(median "${added_c[@]}") ms, HAProxy jwt_verify $(median "${added_d[@]}") ms."
 fi
 
+# ---- (1b) the same with busy polling -----------------------------------------------------------
+# A busy poller never leaves its core, so each runs alone on the proxies' core, started for its
+# rounds and stopped after; the other proxies are idle meanwhile.
+BUSY_MD=""
+if [ "$RATE" != 0 ] && [ "$BUSY" = 1 ]; then
+  log "fixed rate $RATE/s with busy polling: HAProxy jwt_verify (busy-polling), (i) (busy_poll), $RATE_ROUNDS rounds"
+  sed -e 's/^  nbthread 1$/  nbthread 1\n  busy-polling/' -e "s/:$HA_PLAIN_PORT\$/:$((PORT_BASE + 5))/" \
+      -e "s/:$HA_JWT_PORT\$/:$((PORT_BASE + 6))/" haproxy.cfg > haproxy-busy.cfg
+  grep -q busy-polling haproxy-busy.cfg || { echo "haproxy-busy.cfg: no busy-polling line" >&2; exit 1; }
+  haproxy -c -q -f haproxy-busy.cfg
+  URL[dbusy]=http://127.0.0.1:$((PORT_BASE + 6))/api/jwt; ARGS[dbusy]=${ARGS[d]}
+  BUSY_MD="| round | direct p50 / p99 / p99.9 ms | (d) HAProxy jwt_verify, busy-polling | (i) portcullis, busy_poll | p99 added: (d) / **(i)** ms | p50 added: (d) / **(i)** ms | non-2xx (direct / d / i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- |"
+  busy_added=(); busy_added_d=()
+  for r in $(seq "$RATE_ROUNDS"); do
+    lg a -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-a.json"
+    taskset -c "$SERVER_CPU" haproxy -db -f haproxy-busy.cfg > haproxy-busy.log 2>&1 &
+    hb=$!
+    wait_port $((PORT_BASE + 6))
+    lg dbusy -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-d.json"
+    kill "$hb"; wait "$hb" 2>/dev/null || true
+    start_portcullis ibusy 6 0 redis busy
+    wait_port "${PC_PORT[ibusy]}"; wait_ready ibusy
+    URL[ibusy]=http://127.0.0.1:${PC_PORT[ibusy]}/api/jwtsig; ARGS[ibusy]=${ARGS[i]}
+    lg ibusy -c "$CONNS" -d 1s > /dev/null
+    lg ibusy -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-i.json"
+    kill "${PC_PID[ibusy]}"; wait "${PC_PID[ibusy]}" 2>/dev/null || true
+    line=$(python3 - "$RAW/busy-r$r-a.json" "$RAW/busy-r$r-d.json" "$RAW/busy-r$r-i.json" "$r" <<'PY'
+import json, sys
+runs = [json.load(open(p)) for p in sys.argv[1:4]]
+lat = [d["latency_ms"] for d in runs]
+p99 = [l["p99"] - lat[0]["p99"] for l in lat[1:]]
+p50 = [l["p50"] - lat[0]["p50"] for l in lat[1:]]
+cells = " | ".join(f"{l['p50']:.3f} / {l['p99']:.3f} / {l['p99_9']:.3f}" for l in lat)
+print(f"{p99[1]:.3f}\t{p99[0]:.3f}\t| {sys.argv[4]} | {cells} | {p99[0]:.3f} / **{p99[1]:.3f}** | {p50[0]:.3f} / **{p50[1]:.3f}** | "
+      + " / ".join(str(d["non_2xx"] + d["errors"]) for d in runs) + " |")
+PY
+)
+    IFS=$'\t' read -r b_i b_d row <<< "$line"
+    busy_added+=("$b_i"); busy_added_d+=("$b_d")
+    BUSY_MD+=$'\n'"$row"
+    log "  busy round $r: p99 added (d) $b_d / (i) $b_i ms"
+  done
+  BUSY_MD+=$'\n\n'"Median p99 added with busy polling at $RATE req/s: (i) **$(median "${busy_added[@]}") ms**, HAProxy jwt_verify $(median "${busy_added_d[@]}") ms."
+fi
+
 # ---- (2) memory ------------------------------------------------------------------------------
 MEM_MD=""
 if [ "$MEM" = 1 ]; then
@@ -408,6 +460,7 @@ fi
   echo "Keys in the benchmark's Redis after the rounds (nonces of (i), TTL 2 x max_skew): $REDIS_KEYS."
   echo
   if [ -n "$RATE_MD" ]; then echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo; fi
+  if [ -n "$BUSY_MD" ]; then echo "## The same with busy polling (each busy poller alone on CPU $SERVER_CPU)"; echo; echo "$BUSY_MD"; echo; fi
   if [ -n "$MEM_MD" ]; then echo "## Memory"; echo; echo "$MEM_MD"; echo; fi
   if [ -n "$WRK_MD" ]; then echo "## wrk reference (one round, \`wrk -t1 -c$CONNS -d$DURATION --latency\`, CPU $CLIENT_CPU)"; echo; echo "$WRK_MD"; echo; fi
   echo "Raw loadgen JSON per run: \`$(realpath --relative-to="$ROOT" "$RAW")/\`."
