@@ -16,6 +16,21 @@ fn portcullis() -> Command {
     Command::new(env!("CARGO_BIN_EXE_portcullis"))
 }
 
+/// Writes `text` to `name` in `dir` and runs `check-config` on it: the exit code and stdout.
+fn check_config(dir: &std::path::Path, name: &str, text: &str) -> (Option<i32>, String) {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    let out = portcullis()
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn example_config_is_accepted_by_check_config() {
     let out = portcullis()
@@ -34,9 +49,9 @@ fn example_config_is_accepted_by_check_config() {
 #[test]
 fn check_config_reports_every_error_with_its_key_path() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bad.toml");
-    std::fs::write(
-        &file,
+    let (code, stdout) = check_config(
+        dir.path(),
+        "bad.toml",
         r#"
 [server]
 listen = "not-an-address"
@@ -50,15 +65,8 @@ name = "api"
 path_prefix = "/api"
 methods = ["get"]
 "#,
-    )
-    .unwrap();
-    let out = portcullis()
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    );
+    assert_eq!(code, Some(64), "{stdout}");
     let errors: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("error: "))
@@ -93,9 +101,9 @@ fn unknown_keys_and_short_secrets_are_configuration_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("conect_timeout"));
 
     std::fs::write(dir.path().join("short.secret"), "too-short\n").unwrap();
-    let file = dir.path().join("short.toml");
-    std::fs::write(
-        &file,
+    let (code, stdout) = check_config(
+        dir.path(),
+        "short.toml",
         r#"
 [upstream]
 url = "http://127.0.0.1:1"
@@ -104,15 +112,8 @@ issuer = "https://issuer.test"
 algorithms = ["HS256"]
 secrets = [{ kid = "k", file = "short.secret" }]
 "#,
-    )
-    .unwrap();
-    let out = portcullis()
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    );
+    assert_eq!(code, Some(64), "{stdout}");
     assert!(
         stdout.contains("error: jwt.issuers[0].secrets[0]: the secret is 9 bytes"),
         "{stdout}"
@@ -296,19 +297,12 @@ async fn busy_poll_keeps_the_one_worker_awake_and_it_still_serves() {
 #[test]
 fn busy_poll_needs_one_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("busy.toml");
-    std::fs::write(
-        &file,
+    let (code, stdout) = check_config(
+        dir.path(),
+        "busy.toml",
         "[server]\nthreads = 2\nbusy_poll = true\n\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n",
-    )
-    .unwrap();
-    let out = portcullis()
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(64), "{stdout}");
+    );
+    assert_eq!(code, Some(64), "{stdout}");
     assert!(
         stdout.contains("error: server.busy_poll: needs threads = 1 (threads is 2)"),
         "{stdout}"
