@@ -17,6 +17,9 @@
 #   PORT_BASE [27100]  ports PORT_BASE .. PORT_BASE+40 on 127.0.0.1 must be free
 #   DIR [/tmp/portcullis-compare]  work files; OUT [bench/results] report and raw JSON
 #
+# Each table also gives the share of each core's time that the hypervisor reports as stolen
+# (/proc/stat "steal") during the run: on a virtual machine, time the proxy could not run.
+#
 # Cores (nproc = 2): every proxy on CPU 0, the upstream nginx, the load generator and Redis on
 # CPU 1 (taskset). Installs nginx-light, haproxy, wrk, redis-server with apt when missing.
 set -euo pipefail
@@ -110,11 +113,17 @@ cpu_of() {
   done
   echo "$total"
 }
-# jiffies "busy0 total0 busy1 total1" of CPU 0 and CPU 1 from /proc/stat (busy = all but idle, iowait)
+# jiffies "busy0 total0 busy1 total1 steal0 steal1" of CPU 0 and CPU 1 from /proc/stat (busy = all
+# but idle, iowait; steal = time the hypervisor ran something else while this virtual CPU wanted to run)
 cpustat() {
   awk -v a="cpu$SERVER_CPU" -v b="cpu$CLIENT_CPU" '$1 == a || $1 == b {
-    t = 0; for (i = 2; i <= NF; i++) t += $i; busy[$1] = t - $5 - $6; tot[$1] = t }
-    END { print busy[a], tot[a], busy[b], tot[b] }' /proc/stat
+    t = 0; for (i = 2; i <= NF; i++) t += $i; busy[$1] = t - $5 - $6; tot[$1] = t; st[$1] = $9 }
+    END { print busy[a], tot[a], busy[b], tot[b], st[a], st[b] }' /proc/stat
+}
+# "busy0 busy1 steal0 steal1" shares of the two cores between two cpustat snapshots
+cpushare() { # before after
+  echo "$1 $2" | awk '{ d0 = $8 - $2; d1 = $10 - $4
+    printf "%.3f %.3f %.4f %.4f", ($7 - $1) / d0, ($9 - $3) / d1, ($11 - $5) / d0, ($12 - $6) / d1 }'
 }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -300,7 +309,7 @@ for r in $(seq "$ROUNDS"); do
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$f" "$load" \
       "$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')" \
       "$(awk -v a="$up_after" -v b="$up_before" 'BEGIN { print a - b }')" \
-      "$(echo "$st_before $st_after" | awk '{ printf "%.3f %.3f", ($5 - $1) / ($6 - $2), ($7 - $3) / ($8 - $4) }')" >> "$TSV"
+      "$(cpushare "$st_before" "$st_after")" >> "$TSV"
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latency_ms"]; print("  (%s) %.0f req/s  p50 %.3f  p99 %.3f ms  non-2xx %d errors %d" % (sys.argv[2], r["requests_per_s"], l["p50"], l["p99"], r["non_2xx"], r["errors"]))' "$f" "$t" >&2
   done
 done
@@ -316,24 +325,29 @@ TABLE=$(python3 "$TPL/report.py" "$TSV" "${names[@]}")
 RATE_MD=""
 if [ "$RATE" != 0 ]; then
   log "fixed rate $RATE/s: direct upstream, HAProxy plain, HAProxy jwt_verify and (i), $RATE_ROUNDS rounds"
-  RATE_MD="| round | load before | direct p50 / p99 / p99.9 ms | (c) HAProxy plain p50 / p99 / p99.9 | (d) HAProxy jwt_verify p50 / p99 / p99.9 | (i) portcullis p50 / p99 / p99.9 | p99 added: (c) / (d) / **(i)** ms | due not sent (direct / c / d / i) | non-2xx (direct / c / d / i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  RATE_MD="| round | load before | direct p50 / p99 / p99.9 ms | (c) HAProxy plain p50 / p99 / p99.9 | (d) HAProxy jwt_verify p50 / p99 / p99.9 | (i) portcullis p50 / p99 / p99.9 | p99 added: (c) / (d) / **(i)** ms | due not sent (direct / c / d / i) | non-2xx (direct / c / d / i) | steal CPU 0 / CPU 1 (direct; c; d; i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   added=(); added_c=(); added_d=()
   for r in $(seq "$RATE_ROUNDS"); do
     load=$(loadavg)
     for t in a c d i; do
+      st_before=$(cpustat)
       lg "$t" -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/rate-r$r-$t.json"
+      cpushare "$st_before" "$(cpustat)" > "$RAW/rate-r$r-$t.cpu"
     done
-    line=$(python3 - "$RAW/rate-r$r-a.json" "$RAW/rate-r$r-c.json" "$RAW/rate-r$r-d.json" "$RAW/rate-r$r-i.json" "$r" "$load" <<'PY'
+    line=$(python3 - "$RAW/rate-r$r" "$r" "$load" <<'PY'
 import json, sys
-runs = [json.load(open(p)) for p in sys.argv[1:5]]
+prefix = sys.argv[1]
+runs = [json.load(open(f"{prefix}-{t}.json")) for t in "acdi"]
+steal = [[float(x) for x in open(f"{prefix}-{t}.cpu").read().split()[2:4]] for t in "acdi"]
 lat = [d["latency_ms"] for d in runs]
 base = lat[0]["p99"]
 added = [l["p99"] - base for l in lat[1:]]
 cells = " | ".join(f"{l['p50']:.3f} / {l['p99']:.3f} / {l['p99_9']:.3f}" for l in lat)
-print(f"{added[2]:.3f}\t{added[0]:.3f}\t{added[1]:.3f}\t| {sys.argv[5]} | {sys.argv[6]} | {cells} | "
+print(f"{added[2]:.3f}\t{added[0]:.3f}\t{added[1]:.3f}\t| {sys.argv[2]} | {sys.argv[3]} | {cells} | "
       f"{added[0]:.3f} / {added[1]:.3f} / **{added[2]:.3f}** | "
       + " / ".join(str(d["due_not_sent"]) for d in runs) + " | "
-      + " / ".join(str(d["non_2xx"] + d["errors"]) for d in runs) + " |")
+      + " / ".join(str(d["non_2xx"] + d["errors"]) for d in runs) + " | "
+      + "; ".join(f"{s0:.1%} / {s1:.1%}" for s0, s1 in steal) + " |")
 PY
 )
     IFS=$'\t' read -r a_i a_c a_d row <<< "$line"
@@ -358,30 +372,39 @@ if [ "$RATE" != 0 ] && [ "$BUSY" = 1 ]; then
   grep -q busy-polling haproxy-busy.cfg || { echo "haproxy-busy.cfg: no busy-polling line" >&2; exit 1; }
   haproxy -c -q -f haproxy-busy.cfg
   URL[dbusy]=http://127.0.0.1:$((PORT_BASE + 6))/api/jwt; ARGS[dbusy]=${ARGS[d]}
-  BUSY_MD="| round | direct p50 / p99 / p99.9 ms | (d) HAProxy jwt_verify, busy-polling | (i) portcullis, busy_poll | p99 added: (d) / **(i)** ms | p50 added: (d) / **(i)** ms | non-2xx (direct / d / i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- |"
+  BUSY_MD="| round | direct p50 / p99 / p99.9 ms | (d) HAProxy jwt_verify, busy-polling | (i) portcullis, busy_poll | p99 added: (d) / **(i)** ms | p50 added: (d) / **(i)** ms | non-2xx (direct / d / i) | steal CPU 0 / CPU 1 (direct; d; i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- | --- |"
   busy_added=(); busy_added_d=()
   for r in $(seq "$RATE_ROUNDS"); do
+    st_before=$(cpustat)
     lg a -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-a.json"
+    cpushare "$st_before" "$(cpustat)" > "$RAW/busy-r$r-a.cpu"
     taskset -c "$SERVER_CPU" haproxy -db -f haproxy-busy.cfg > haproxy-busy.log 2>&1 &
     hb=$!
     wait_port $((PORT_BASE + 6))
+    st_before=$(cpustat)
     lg dbusy -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-d.json"
+    cpushare "$st_before" "$(cpustat)" > "$RAW/busy-r$r-d.cpu"
     kill "$hb"; wait "$hb" 2>/dev/null || true
     start_portcullis ibusy 6 0 redis busy
     wait_port "${PC_PORT[ibusy]}"; wait_ready ibusy
     URL[ibusy]=http://127.0.0.1:${PC_PORT[ibusy]}/api/jwtsig; ARGS[ibusy]=${ARGS[i]}
     lg ibusy -c "$CONNS" -d 1s > /dev/null
+    st_before=$(cpustat)
     lg ibusy -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/busy-r$r-i.json"
+    cpushare "$st_before" "$(cpustat)" > "$RAW/busy-r$r-i.cpu"
     kill "${PC_PID[ibusy]}"; wait "${PC_PID[ibusy]}" 2>/dev/null || true
-    line=$(python3 - "$RAW/busy-r$r-a.json" "$RAW/busy-r$r-d.json" "$RAW/busy-r$r-i.json" "$r" <<'PY'
+    line=$(python3 - "$RAW/busy-r$r" "$r" <<'PY'
 import json, sys
-runs = [json.load(open(p)) for p in sys.argv[1:4]]
+prefix = sys.argv[1]
+runs = [json.load(open(f"{prefix}-{t}.json")) for t in "adi"]
+steal = [[float(x) for x in open(f"{prefix}-{t}.cpu").read().split()[2:4]] for t in "adi"]
 lat = [d["latency_ms"] for d in runs]
 p99 = [l["p99"] - lat[0]["p99"] for l in lat[1:]]
 p50 = [l["p50"] - lat[0]["p50"] for l in lat[1:]]
 cells = " | ".join(f"{l['p50']:.3f} / {l['p99']:.3f} / {l['p99_9']:.3f}" for l in lat)
-print(f"{p99[1]:.3f}\t{p99[0]:.3f}\t| {sys.argv[4]} | {cells} | {p99[0]:.3f} / **{p99[1]:.3f}** | {p50[0]:.3f} / **{p50[1]:.3f}** | "
-      + " / ".join(str(d["non_2xx"] + d["errors"]) for d in runs) + " |")
+print(f"{p99[1]:.3f}\t{p99[0]:.3f}\t| {sys.argv[2]} | {cells} | {p99[0]:.3f} / **{p99[1]:.3f}** | {p50[0]:.3f} / **{p50[1]:.3f}** | "
+      + " / ".join(str(d["non_2xx"] + d["errors"]) for d in runs) + " | "
+      + "; ".join(f"{s0:.1%} / {s1:.1%}" for s0, s1 in steal) + " |")
 PY
 )
     IFS=$'\t' read -r b_i b_d row <<< "$line"

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Reads runs.tsv (round, target, json file, load average before, proxy CPU seconds, upstream
-CPU seconds, "busy share of CPU 0, CPU 1") and the
-loadgen JSON files; prints the markdown table of compare.sh to stdout."""
+CPU seconds, "busy share of CPU 0, CPU 1[, steal share of CPU 0, CPU 1]") and the
+loadgen JSON files; prints the markdown table of compare.sh to stdout.
+
+The ratio columns are the acceptance's figure, the median over the rounds of the ratio measured
+in each round (the target against HAProxy in the same round); the ratio of the medians follows
+in brackets."""
 import json, statistics, sys
 
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -13,7 +17,9 @@ for rnd, target, path, load, cpu, upcpu, busy in rows:
         order.append(target)
         runs[target] = []
     r["_upcpu"] = float(upcpu)
-    r["_busy"] = [float(x) for x in busy.split()]
+    shares = [float(x) for x in busy.split()]
+    r["_busy"] = shares[:2]
+    r["_steal"] = shares[2:4] if len(shares) >= 4 else [float("nan")] * 2
     runs[target].append((int(rnd), r, load, float(cpu)))
 
 def med(xs):
@@ -36,20 +42,46 @@ for t in order:
         "up": med([r["_upcpu"] / r["elapsed_s"] for r in rs]),
         "b0": med([r["_busy"][0] for r in rs]),
         "b1": med([r["_busy"][1] for r in rs]),
+        "s0": med([r["_steal"][0] for r in rs]),
+        "s1": med([r["_steal"][1] for r in rs]),
+        "by_round": {rnd: r["requests_per_s"] for rnd, r, _, _ in runs[t]},
     }
-c = summary.get("c", {}).get("rps")
-d = summary.get("d", {}).get("rps")
+
+
+def ratio(t, base):
+    """(median of the per-round ratios, ratio of the medians) of target t against target base."""
+    if base not in summary:
+        return None
+    mine, theirs = summary[t]["by_round"], summary[base]["by_round"]
+    per_round = [mine[r] / theirs[r] for r in mine if theirs.get(r)]
+    summary[t]["vs_" + base] = per_round
+    return med(per_round), summary[t]["rps"] / summary[base]["rps"]
+
+def share(x):
+    return "-" if x != x else f"{x:.1%}"
+
+
+def ratio_cell(t, base):
+    r = ratio(t, base)
+    return f"{r[0]:.2f}x ({r[1]:.2f}x)" if r else "-"
+
+
 out = []
-out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | CPU: proxy / upstream / loadgen | CPU 0 / CPU 1 busy |")
-out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |")
+out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | CPU: proxy / upstream / loadgen | CPU 0 / CPU 1 busy | CPU 0 / CPU 1 steal |")
+out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |")
 for t in order:
     s = summary[t]
     broken = " **BROKEN**" if s["bad"] else ""
-    rc = f"{s['rps']/c:.2f}x" if c else "-"
-    rd = f"{s['rps']/d:.2f}x" if d else "-"
     per = " / ".join(f"{x:,.0f}" for x in s["all"])
-    out.append(f"| ({t}) {names.get(t, t)}{broken} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {rc} | {rd} | "
-               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} / {s['up']:.0%} / {s['lg']:.0%} | {s['b0']:.0%} / {s['b1']:.0%} |")
+    out.append(f"| ({t}) {names.get(t, t)}{broken} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {ratio_cell(t, 'c')} | {ratio_cell(t, 'd')} | "
+               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} / {s['up']:.0%} / {s['lg']:.0%} | {s['b0']:.0%} / {s['b1']:.0%} | {share(s['s0'])} / {share(s['s1'])} |")
+out.append("")
+out.append("Ratios: the median over the rounds of the ratio measured in each round, against HAProxy in the same round "
+           "(the acceptance's figure); in brackets, the ratio of the median req/s. Per-round ratios:")
+out.append("")
+for t, base in (("e", "c"), ("f", "d"), ("g", "d")):
+    if t in summary and "vs_" + base in summary[t]:
+        out.append(f"- ({t}) / ({base}): " + " / ".join(f"{x:.2f}x" for x in summary[t]["vs_" + base]))
 out.append("")
 out.append("Load average (1/5/15 min) before each run:")
 out.append("")
