@@ -9,13 +9,13 @@
 //! size, shape and JSON types first (cheap and reveal nothing), then the signature, then the
 //! claims whose outcome depends on time or audience. A token that passed is kept in a cache
 //! keyed by its SHA-256 until its `exp`, so a client reusing a token pays for the signature
-//! once.
+//! once; the entry goes as soon as the key that verified it leaves the issuer's JWKS.
 
 mod json;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use self::json::{Key, Member, Members, Place};
 use crate::auth::AuthError;
 use crate::config::{IssuerConfig, JwtConfig};
-use crate::keys::{parse_algorithm, KeyStore};
+use crate::keys::{parse_algorithm, KeyStore, VerificationKey};
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -55,6 +55,10 @@ pub struct VerifiedToken {
     /// `cnf.x5t#S256` (RFC 8705): the token is bound to the client certificate with this
     /// thumbprint (base64url of the DER's SHA-256).
     pub cnf_x5t_s256: Option<String>,
+    /// The key that verified the signature. A reload of the issuer's JWKS keeps a key that is
+    /// still there as the same `Arc`, so this is dead once the key has been removed (rotated
+    /// out, or withdrawn because it leaked), and a cached token signed with it must not pass.
+    verified_by: Weak<VerificationKey>,
 }
 
 /// Verifies bearer tokens against the configured issuers.
@@ -179,8 +183,12 @@ impl JwtVerifier {
             .map(|_| Sha256::digest(token.as_bytes()).into());
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
-                self.check_times(hit.exp, hit.not_before, hit.issued_at, now)?;
-                return Ok(hit);
+                if hit.verified_by.strong_count() > 0 {
+                    self.check_times(hit.exp, hit.not_before, hit.issued_at, now)?;
+                    return Ok(hit);
+                }
+                // Its key has left the JWKS: verify again, against the keys held now.
+                cache.invalidate(key);
             }
         }
         let verified = Arc::new(self.verify_uncached(token, now).await?);
@@ -197,12 +205,13 @@ impl JwtVerifier {
             .keys
             .keys_for(&token.issuer.issuer, token.kid.as_deref(), token.alg)
             .await?;
-        let verified = keys
+        let Some(verified_by) = keys
             .iter()
-            .any(|k| k.verify(token.signing_input.as_bytes(), token.signature, token.alg));
-        if !verified {
+            .find(|k| k.verify(token.signing_input.as_bytes(), token.signature, token.alg))
+        else {
             return Err(AuthError::InvalidTokenSignature);
-        }
+        };
+        let verified_by = Arc::downgrade(verified_by);
 
         // Only a token signed by the issuer gets to learn which of its claims fail.
         let issuer = token.issuer;
@@ -247,6 +256,7 @@ impl JwtVerifier {
             issued_at: token.iat,
             token_id: token.token_id,
             cnf_x5t_s256: token.cnf_x5t_s256,
+            verified_by,
         })
     }
 
@@ -1324,6 +1334,44 @@ mod tests {
         let other = KEYS.es256.sign(&with(claims.clone(), "sub", json!("v")));
         assert_err!(v.verify(&other, now).await, KeysUnavailable);
         assert_err!(v.verify(&token, now + 120).await, TokenExpired);
+    }
+
+    #[tokio::test]
+    async fn cached_token_goes_when_its_key_leaves_the_jwks() {
+        let k = &*KEYS;
+        let (dir, source) = jwks_file(&jwks(&[&k.es256, &k.rs256]).to_string());
+        let mut issuer = issuer(source, &[]);
+        issuer.jwks_refresh = Duration::from_millis(50);
+        let config = jwt_config(vec![issuer], 100);
+        let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
+        let v = JwtVerifier::new(&config, store);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
+        let withdrawn = k.es256.sign(&claims);
+        let kept = k.rs256.sign(&claims);
+        v.verify(&withdrawn, now).await.unwrap();
+        let first = v.verify(&kept, now).await.unwrap();
+
+        // The issuer withdraws its ES256 key (it leaked, say); the RSA key stays as it was.
+        std::fs::write(dir.path().join("jwks.json"), jwks(&[&k.rs256]).to_string()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let outcome = loop {
+            match v.verify(&withdrawn, now).await {
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                outcome => break outcome,
+            }
+        };
+        assert_err!(outcome, UnknownKey);
+        let again = v.verify(&kept, now).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "a token whose key is still in the JWKS stays cached across reloads"
+        );
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ pub struct VerificationKey {
     /// The JWK's own `alg` member: when set, the key verifies only this algorithm.
     pub alg: Option<Algorithm>,
     key: DecodingKey,
+    /// The public key as parsed (PKCS#1 DER, SEC1 point or raw Ed25519); empty for an HMAC
+    /// secret. With `kid`, `kind` and `alg` it tells whether a reloaded JWKS still holds this key.
+    public: Vec<u8>,
     /// The public key parsed once per algorithm it fits. jsonwebtoken's `crypto::verify` builds
     /// the key anew on every call, which for RSA includes its Montgomery context: about a third
     /// of an RS256 verification. HMAC secrets go through jsonwebtoken.
@@ -174,8 +177,20 @@ impl VerificationKey {
             kind: KeyKind::Hmac,
             alg: None,
             key: DecodingKey::from_secret(secret),
+            public: Vec::new(),
             parsed: Vec::new(),
         }
+    }
+
+    /// Whether `other` is the same public key under the same name and use: a JWKS reloaded
+    /// with this key unchanged keeps the key (and the tokens verified with it) as they are.
+    /// Always `false` for HMAC secrets, which are never reloaded.
+    pub fn same_public_key(&self, other: &VerificationKey) -> bool {
+        self.kind != KeyKind::Hmac
+            && self.kind == other.kind
+            && self.kid == other.kid
+            && self.alg == other.alg
+            && self.public == other.public
     }
 
     /// Whether this key may verify a signature made with `alg`.
@@ -347,6 +362,7 @@ fn parse_jwk(jwk: &Value) -> Result<VerificationKey, String> {
         kind,
         alg,
         key,
+        public,
         parsed,
     })
 }

@@ -87,8 +87,8 @@ pub struct CandidateKeys {
 
 impl CandidateKeys {
     /// The keys, in the order they are held: configured secrets first, then the JWKS.
-    pub fn iter(&self) -> impl Iterator<Item = &VerificationKey> {
-        std::iter::once(&*self.first).chain(self.rest.iter().map(|k| &**k))
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<VerificationKey>> {
+        std::iter::once(&self.first).chain(self.rest.iter())
     }
 }
 
@@ -355,8 +355,20 @@ impl IssuerKeys {
         };
         let error = match outcome {
             Ok(keys) => {
+                // A key that is still in the set stays the same `Arc`: tokens verified with it
+                // stay in the verified cache, which drops those whose key is gone
+                // (`JwtVerifier::verify`).
+                let held = self.jwks.load_full();
+                let held = held.as_ref().map(|set| set.keys.as_slice()).unwrap_or(&[]);
+                let keys = keys
+                    .into_iter()
+                    .map(|key| match held.iter().find(|h| h.same_public_key(&key)) {
+                        Some(same) => same.clone(),
+                        None => Arc::new(key),
+                    })
+                    .collect();
                 self.jwks.store(Some(Arc::new(KeySet {
-                    keys: keys.into_iter().map(Arc::new).collect(),
+                    keys,
                     loaded_at: Instant::now(),
                 })));
                 self.metrics.jwks_refresh(&self.issuer, "ok");
