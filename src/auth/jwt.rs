@@ -205,10 +205,14 @@ impl JwtVerifier {
             .keys
             .keys_for(&token.issuer.issuer, token.kid.as_deref(), token.alg)
             .await?;
-        let Some(verified_by) = keys
-            .iter()
-            .find(|k| k.verify(token.signing_input.as_bytes(), token.signature, token.alg))
-        else {
+        let Some(verified_by) = keys.iter().find(|k| {
+            k.verify(
+                token.signing_input.as_bytes(),
+                token.signature_b64,
+                token.signature,
+                token.alg,
+            )
+        }) else {
             return Err(AuthError::InvalidTokenSignature);
         };
         let verified_by = Arc::downgrade(verified_by);
@@ -298,6 +302,7 @@ impl JwtVerifier {
             alg,
             kid,
             signing_input: parsed.signing_input,
+            signature_b64: parsed.signature_b64,
             signature: parsed.signature,
             payload_b64: parsed.payload_b64,
             exp: claims.exp,
@@ -399,7 +404,9 @@ struct Compact<'t, 'd> {
     payload_b64: &'t str,
     /// `header.payload`, as signed.
     signing_input: &'t str,
-    signature: &'t str,
+    /// The signature segment as sent, and decoded.
+    signature_b64: &'t str,
+    signature: &'d [u8],
 }
 
 /// Splits `token` and reads its header and payload, decoding both into `decoded`.
@@ -420,20 +427,27 @@ fn parse_compact<'t, 'd>(
     };
     let signing_input = &token[..header_b64.len() + 1 + payload_b64.len()];
 
-    // Both segments go into one buffer, so that their members can borrow from it; the errors
-    // still come in the order header (base64, JSON), payload (base64, JSON), signature.
+    // The three segments go into one buffer, so that the members and the signature can
+    // borrow from it; the errors still come in the order header (base64, JSON), payload
+    // (base64, JSON), signature.
     decoded.clear();
     decoded.reserve(
         base64::decoded_len_estimate(header_b64.len())
-            + base64::decoded_len_estimate(payload_b64.len()),
+            + base64::decoded_len_estimate(payload_b64.len())
+            + base64::decoded_len_estimate(signature.len()),
     );
     URL_SAFE_NO_PAD
         .decode_vec(header_b64, decoded)
         .map_err(|_| malformed("the header is not base64url without padding"))?;
     let header_len = decoded.len();
     let payload_decoded = URL_SAFE_NO_PAD.decode_vec(payload_b64, decoded);
+    let payload_end = decoded.len();
+    // 1,400 characters hold an RSA-8192 signature; anything longer is not one.
+    let signature_decoded =
+        signature.len() <= 1400 && URL_SAFE_NO_PAD.decode_vec(signature, decoded).is_ok();
     let decoded: &'d Vec<u8> = decoded;
-    let (header_json, payload_json) = decoded.split_at(header_len);
+    let (header_json, rest) = decoded.split_at(header_len);
+    let (payload_json, signature_bytes) = rest.split_at(payload_end - header_len);
 
     let mut keys = Vec::with_capacity(16);
     let mut header = HeaderMembers::default();
@@ -450,14 +464,7 @@ fn parse_compact<'t, 'd>(
         keys,
     };
 
-    // Checked here without keeping the bytes (the key decodes it again into its own buffer);
-    // 1,400 characters hold an RSA-8192 signature.
-    let mut scratch = [0u8; 1050];
-    if signature.len() > 1400
-        || URL_SAFE_NO_PAD
-            .decode_slice(signature, &mut scratch)
-            .is_err()
-    {
+    if !signature_decoded {
         return Err(malformed("the signature is not base64url without padding"));
     }
     Ok(Compact {
@@ -465,7 +472,8 @@ fn parse_compact<'t, 'd>(
         payload,
         payload_b64,
         signing_input,
-        signature,
+        signature_b64: signature,
+        signature: signature_bytes,
     })
 }
 
@@ -630,7 +638,9 @@ struct Unverified<'a> {
     kid: Option<Cow<'a, str>>,
     /// `header.payload`, as signed.
     signing_input: &'a str,
-    signature: &'a str,
+    /// The signature segment as sent, and decoded.
+    signature_b64: &'a str,
+    signature: &'a [u8],
     payload_b64: &'a str,
     exp: Option<i64>,
     nbf: Option<i64>,
@@ -1243,6 +1253,35 @@ mod tests {
             let token = KEYS.es256.sign(&with(claims(), "aud", aud));
             assert_err!(check(&token).await, MalformedToken);
         }
+    }
+
+    #[tokio::test]
+    async fn signature_segment_must_be_base64url_of_sane_length() {
+        let token = KEYS.rs256.sign(&claims());
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        for (bad, why) in [
+            (format!("{signed}.{signature}="), "padding"),
+            (
+                format!("{signed}.{}+", &signature[1..]),
+                "standard alphabet",
+            ),
+            (
+                format!("{signed}.{}", "A".repeat(1401)),
+                "longer than RSA-8192",
+            ),
+        ] {
+            match check(&bad).await {
+                Err(AuthError::MalformedToken(detail)) => assert!(
+                    detail.contains("signature is not base64url"),
+                    "{why}: {detail}"
+                ),
+                other => panic!("{why}: expected malformed_token, got {other:?}"),
+            }
+        }
+        // The decoded signature reaches public keys, the segment as sent HMAC secrets.
+        assert!(check(&token).await.is_ok());
+        assert!(check(&KEYS.hs256.sign(&claims())).await.is_ok());
+        assert!(check(&KEYS.es256.sign(&claims())).await.is_ok());
     }
 
     #[tokio::test]

@@ -198,21 +198,22 @@ impl VerificationKey {
         self.kind.fits(alg) && self.alg.is_none_or(|own| own == alg)
     }
 
-    /// Checks `signature_b64` over `signing_input`. `false` for a wrong signature, and also
-    /// for an algorithm the key does not fit (callers check [`Self::fits`] first).
-    pub fn verify(&self, signing_input: &[u8], signature_b64: &str, alg: Algorithm) -> bool {
+    /// Checks the signature over `signing_input`: `signature`, the decoded bytes, against a
+    /// public key; `signature_b64`, the segment as sent, against an HMAC secret (through
+    /// jsonwebtoken). `false` for a wrong signature, and also for an algorithm the key does
+    /// not fit (callers check [`Self::fits`] first).
+    pub fn verify(
+        &self,
+        signing_input: &[u8],
+        signature_b64: &str,
+        signature: &[u8],
+        alg: Algorithm,
+    ) -> bool {
         if !self.fits(alg) {
             return false;
         }
         if let Some((_, parsed)) = self.parsed.iter().find(|(a, _)| *a == alg) {
-            // RSA-8192 signatures are 1 KiB; anything longer is not a signature.
-            if signature_b64.len() > 1400 {
-                return false;
-            }
-            let Ok(signature) = URL_SAFE_NO_PAD.decode(signature_b64) else {
-                return false;
-            };
-            return parsed.0.verify_sig(signing_input, &signature).is_ok();
+            return parsed.0.verify_sig(signing_input, signature).is_ok();
         }
         matches!(
             jsonwebtoken::crypto::verify(signature_b64, signing_input, &self.key, alg),
