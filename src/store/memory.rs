@@ -2,9 +2,13 @@
 //! replica. Two replicas with memory stores do not see each other's nonces, so a request
 //! replayed to the other replica would pass; use the Redis store for more than one.
 //!
-//! The signature check calls [`MemoryNonceStore::record_once`] after a valid HMAC; it never
-//! fails, so `[store] on_error` never applies to it.
+//! The signature check calls [`MemoryNonceStore::record_once`] after a valid HMAC. Its only
+//! failure is a full store (4,000,000 nonces within their TTL by default), which refuses new
+//! nonces rather than forget recorded ones; like any store error that is 503 store_unavailable
+//! unless `[store] on_error = "allow"`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
@@ -24,12 +28,12 @@ pub const DEFAULT_CAPACITY: u64 = 4_000_000;
 
 /// Nonces in memory, each kept for the TTL it was recorded with.
 ///
-/// When full, moka evicts the least recently used entries, which here are the oldest nonces.
-/// An evicted nonce can be replayed for the rest of its TTL, as long as its timestamp is still
-/// inside the signature window. That is why the bound is set well above the expected number of
-/// live nonces; a proxy that expects more traffic should use [`MemoryNonceStore::with_capacity`]
-/// or the Redis store. Moka applies the bound a little after inserts, so the count may briefly
-/// pass it.
+/// When full, the store refuses new nonces with [`StoreError::Refused`] (503 store_unavailable,
+/// unless `[store] on_error = "allow"`) until recorded ones expire. It never makes room by
+/// forgetting a nonce early: a forgotten nonce could be replayed for the rest of its TTL while
+/// its timestamp is still inside the signature window. A nonce already recorded is still
+/// reported as replayed when the store is full. A proxy that expects more than the bound within
+/// one TTL should use the Redis store.
 ///
 /// Keys are the first 16 bytes of SHA-256 over the key id and the nonce, not the strings
 /// themselves: a fixed size, no allocation per entry, and a collision (which would make a fresh
@@ -37,6 +41,12 @@ pub const DEFAULT_CAPACITY: u64 = 4_000_000;
 #[derive(Debug, Clone)]
 pub struct MemoryNonceStore {
     nonces: Cache<[u8; 16], Duration>,
+    /// Nonces held: counted up before each insert and down as moka removes entries. moka's
+    /// own entry count is updated a little after inserts; this one never lags behind an
+    /// insert (it may lag behind an expiry, which only makes the refusal early).
+    held: Arc<AtomicU64>,
+    /// New nonces are refused once this many are held.
+    capacity: u64,
 }
 
 /// Expires each entry after the TTL stored as its value.
@@ -61,15 +71,27 @@ impl MemoryNonceStore {
 
     /// A store bounded at `max_entries` nonces (see the type's doc for what happens when full).
     pub fn with_capacity(max_entries: u64) -> Self {
+        let held = Arc::new(AtomicU64::new(0));
+        let removed = held.clone();
         let nonces = Cache::builder()
-            .max_capacity(max_entries)
-            // Plain LRU rather than moka's default TinyLFU: TinyLFU may refuse to admit a new
-            // key when the cache is full, which would leave a fresh nonce unrecorded. LRU always
-            // records it and gives up the oldest one instead.
+            // `record_once` refuses new nonces at `max_entries`. moka's own bound is only a
+            // backstop above it, for an entry count that lags behind the inserts (moka counts
+            // them a little later): it should never be reached.
+            .max_capacity(max_entries.saturating_add((max_entries / 4).max(1024)))
+            // Plain LRU rather than moka's default TinyLFU, should the backstop ever act:
+            // TinyLFU may refuse to admit a new key when the cache is full, which would leave
+            // a fresh nonce unrecorded; LRU records it and gives up the oldest one instead.
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(TtlFromValue)
+            .eviction_listener(move |_key, _ttl, _cause| {
+                removed.fetch_sub(1, Ordering::AcqRel);
+            })
             .build();
-        Self { nonces }
+        Self {
+            nonces,
+            held,
+            capacity: max_entries,
+        }
     }
 }
 
@@ -99,16 +121,36 @@ impl NonceStore for MemoryNonceStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
+        let key = entry_key(key_id, nonce);
+        if self.nonces.contains_key(&key) {
+            return Ok(NonceOutcome::Replayed);
+        }
+        if self.held.load(Ordering::Acquire) >= self.capacity {
+            // Expired entries are removed (and counted down) by moka's pending tasks.
+            self.nonces.run_pending_tasks().await;
+            if self.held.load(Ordering::Acquire) >= self.capacity {
+                return Err(StoreError::Refused {
+                    reason: format!(
+                        "the memory nonce store is full ({} nonces within their TTL); the Redis store holds more",
+                        self.capacity
+                    ),
+                });
+            }
+        }
+        // Counted before the insert, so that the listener's count-down of this entry can
+        // never come first.
+        self.held.fetch_add(1, Ordering::AcqRel);
         // moka runs one initialiser per key at a time: of concurrent callers for the same key,
         // exactly one sees a fresh entry.
         let entry = self
             .nonces
-            .entry(entry_key(key_id, nonce))
+            .entry(key)
             .or_insert_with(async move { ttl })
             .await;
         Ok(if entry.is_fresh() {
             NonceOutcome::Fresh
         } else {
+            self.held.fetch_sub(1, Ordering::AcqRel);
             NonceOutcome::Replayed
         })
     }
@@ -129,22 +171,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_store_evicts_rather_than_refusing_new_nonces() {
+    async fn a_full_store_refuses_new_nonces_and_forgets_none() {
         let store = MemoryNonceStore::with_capacity(10);
-        let ttl = Duration::from_secs(60);
-        for i in 0..100 {
+        let ttl = Duration::from_millis(300);
+        for i in 0..10 {
             let nonce = format!("nonce-{i:04}-abcdefgh");
             assert_eq!(
                 store.record_once("k", &nonce, ttl).await,
                 Ok(NonceOutcome::Fresh)
             );
-            // Every nonce is recorded when it is first used, however full the store is.
+        }
+        // Full: a new nonce is refused, not recorded at the price of an old one.
+        for i in 10..20 {
+            let nonce = format!("nonce-{i:04}-abcdefgh");
+            match store.record_once("k", &nonce, ttl).await {
+                Err(StoreError::Refused { reason }) => assert!(reason.contains("full"), "{reason}"),
+                other => panic!("nonce {i}: expected a refusal, got {other:?}"),
+            }
+        }
+        // Every recorded nonce is still known, so its replay is still caught.
+        for i in 0..10 {
+            let nonce = format!("nonce-{i:04}-abcdefgh");
             assert_eq!(
                 store.record_once("k", &nonce, ttl).await,
-                Ok(NonceOutcome::Replayed)
+                Ok(NonceOutcome::Replayed),
+                "nonce {i}"
             );
         }
-        store.nonces.run_pending_tasks().await;
-        assert!(store.nonces.entry_count() <= 10);
+        // Once the recorded nonces expire there is room again (moka removes expired entries
+        // on a timer wheel with ticks of about a second).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let outcome = loop {
+            let outcome = store.record_once("k", "nonce-0010-abcdefgh", ttl).await;
+            if outcome.is_ok() || std::time::Instant::now() > deadline {
+                break outcome;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(outcome, Ok(NonceOutcome::Fresh));
     }
 }
