@@ -293,6 +293,40 @@ async fn a_revocation_posted_to_one_replica_rejects_at_the_other_within_a_second
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keys_gets_a_warning_at_start() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let text = config(&upstream, &redis_store(&redis.url(), "5s"), "");
+    let eviction_warnings = |proxy: &ProxyProcess| -> Vec<String> {
+        let logs = proxy.logs.lock().unwrap();
+        logs.iter()
+            .filter(|l| l.contains("redis may evict keys"))
+            .cloned()
+            .collect()
+    };
+
+    // redis-server's default has no memory limit, so it never evicts.
+    let quiet = ProxyProcess::spawn(&text, &env());
+    assert_eq!(eviction_warnings(&quiet), Vec::<String>::new());
+    drop(quiet);
+
+    redis.config_set("maxmemory", "64mb").await;
+    redis.config_set("maxmemory-policy", "volatile-lru").await;
+    let warned = ProxyProcess::spawn(&text, &env());
+    let warnings = eviction_warnings(&warned);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("volatile-lru"), "{}", warnings[0]);
+    // A warning, not a refusal: the proxy serves.
+    let t = token("user-8", "jti-8", now() - 5);
+    assert_eq!(call(warned.addr, "/api", &t).await.status, 200);
+    drop(warned);
+
+    redis.config_set("maxmemory-policy", "noeviction").await;
+    let quiet = ProxyProcess::spawn(&text, &env());
+    assert_eq!(eviction_warnings(&quiet), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_within_the_lag_still_serves_then_fails_closed_and_says_so() {
     let mut redis = RedisServer::start().await;
     let upstream = Upstream::start().await;

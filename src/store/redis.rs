@@ -104,6 +104,19 @@ impl std::fmt::Debug for RedisConnection {
     }
 }
 
+/// The `maxmemory_policy` of an `INFO memory` reply when it lets Redis evict keys: a
+/// `maxmemory` above 0 with any policy but `noeviction`.
+fn evicting_policy(info: &str) -> Option<&str> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let limited = field("maxmemory").and_then(|m| m.parse::<u64>().ok())? > 0;
+    let policy = field("maxmemory_policy")?;
+    (limited && policy != "noeviction").then_some(policy)
+}
+
 impl RedisConnection {
     /// Parses `url` and starts connecting. Returns an error only for a url that cannot be used;
     /// an unreachable server gives a connection whose commands fail until it connects.
@@ -122,13 +135,13 @@ impl RedisConnection {
             log_connection_events(client, &target);
         }
         let drivers = pool.connect_pool();
-        if tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
+        let connected = tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !connected {
             tracing::warn!(%target, "redis is not reachable yet; requests that need it fail until it is");
         }
-        Ok(Self {
+        let connection = Self {
             inner: Arc::new(Shared {
                 pool,
                 drivers,
@@ -137,7 +150,37 @@ impl RedisConnection {
                 timeout,
                 target,
             }),
-        })
+        };
+        if connected {
+            connection.warn_if_keys_can_be_evicted().await;
+        }
+        Ok(connection)
+    }
+
+    /// Nonces and revocations must never be evicted: an evicted nonce can be replayed while its
+    /// timestamp is inside the signature window, and an evicted revocation lets the token
+    /// through again. Redis evicts keys only under a `maxmemory` limit with a
+    /// `maxmemory-policy` other than `noeviction` (every `volatile-*` policy included: every
+    /// nonce has a TTL). Read once, with `INFO memory`, when the first connection is up; a
+    /// server that refuses `INFO` is not judged.
+    async fn warn_if_keys_can_be_evicted(&self) {
+        let info: Result<String, _> = self
+            .bounded(self.client().info(Some(fred::types::InfoKind::Memory)))
+            .await;
+        match info {
+            Ok(info) => {
+                if let Some(policy) = evicting_policy(&info) {
+                    tracing::warn!(
+                        target = %self.inner.target,
+                        maxmemory_policy = policy,
+                        "redis may evict keys when it reaches maxmemory: an evicted nonce could be replayed and an evicted revocation lifted; set maxmemory-policy to noeviction (a full redis then refuses writes, which is 503 store_unavailable)"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::debug!(target = %self.inner.target, error = %e, "cannot read INFO memory; the eviction policy is not checked");
+            }
+        }
     }
 
     /// A pooled client that applies the per-command options (one attempt, fail fast, timeout).
@@ -439,6 +482,25 @@ fn redacted(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_memory_limit_with_an_evicting_policy_counts_as_evicting() {
+        let info = |maxmemory: &str, policy: &str| {
+            format!("# Memory\r\nused_memory:1024\r\nmaxmemory:{maxmemory}\r\nmaxmemory_human:x\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(
+            evicting_policy(&info("67108864", "allkeys-lru")),
+            Some("allkeys-lru")
+        );
+        assert_eq!(
+            evicting_policy(&info("67108864", "volatile-ttl")),
+            Some("volatile-ttl")
+        );
+        assert_eq!(evicting_policy(&info("67108864", "noeviction")), None);
+        // No limit: Redis never evicts, whatever the policy says.
+        assert_eq!(evicting_policy(&info("0", "allkeys-lru")), None);
+        assert_eq!(evicting_policy("# Memory\r\nused_memory:1024\r\n"), None);
+    }
 
     #[test]
     fn comma_separated_cluster_hosts_become_fred_node_parameters() {

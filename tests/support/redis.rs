@@ -38,6 +38,18 @@ impl RedisServer {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
+    /// `CONFIG SET name value` (an inline command: neither may contain spaces).
+    pub async fn config_set(&self, name: &str, value: &str) {
+        let mut stream = TcpStream::connect(self.addr()).await.unwrap();
+        stream
+            .write_all(format!("CONFIG SET {name} {value}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = [0u8; 5];
+        stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"+OK\r\n", "CONFIG SET {name} {value}");
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
