@@ -12,7 +12,7 @@ use serde_json::json;
 use support::http::{get, send, RawResponse};
 use support::keys::TestKey;
 use support::proxy::{config_text, ProxyProcess, TestProxy};
-use support::redis::{RedisSentinel, RedisServer};
+use support::redis::{free_port, RedisSentinel, RedisServer};
 use support::upstream::Upstream;
 
 const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!!";
@@ -324,6 +324,36 @@ async fn a_redis_that_may_evict_keys_gets_a_warning_at_start() {
     redis.config_set("maxmemory-policy", "noeviction").await;
     let quiet = ProxyProcess::spawn(&text, &env());
     assert_eq!(eviction_warnings(&quiet), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_up_after_the_proxy_is_checked_for_eviction_too() {
+    let port = free_port();
+    let upstream = Upstream::start().await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let proxy = ProxyProcess::spawn(&config(&upstream, &redis_store(&url, "5s"), ""), &env());
+    let _redis = RedisServer::start_with(
+        port,
+        &["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let warned = proxy
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("redis may evict keys") && l.contains("allkeys-lru"));
+        if warned {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no eviction warning within 15 s of redis coming up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,8 @@ const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
 
 /// Capacity of fred's broadcast channels (pub/sub messages, connection events).
 const BROADCAST_CAPACITY: usize = 4096;
+/// How often Redis's eviction policy is read again once a read has succeeded.
+const EVICTION_RECHECK: Duration = Duration::from_secs(300);
 
 /// One started fred pool with the settings above, shared by the nonce store, the revocation
 /// store and the rate limiter built by [`super::connect_all`]. Cheap to clone.
@@ -151,9 +153,7 @@ impl RedisConnection {
                 target,
             }),
         };
-        if connected {
-            connection.warn_if_keys_can_be_evicted().await;
-        }
+        connection.watch_eviction_policy(connected).await;
         Ok(connection)
     }
 
@@ -161,26 +161,69 @@ impl RedisConnection {
     /// timestamp is inside the signature window, and an evicted revocation lets the token
     /// through again. Redis evicts keys only under a `maxmemory` limit with a
     /// `maxmemory-policy` other than `noeviction` (every `volatile-*` policy included: every
-    /// nonce has a TTL). Read once, with `INFO memory`, when the first connection is up; a
-    /// server that refuses `INFO` is not judged.
-    async fn warn_if_keys_can_be_evicted(&self) {
+    /// nonce has a TTL).
+    ///
+    /// Checked with `INFO memory` now when connected (so that the warning comes with the start
+    /// logs), then in the background: every second until a check succeeds (Redis may come up
+    /// after the proxy), then every five minutes (the policy can be changed at run time). A
+    /// warning is logged when what a check sees differs from the last one; a server that
+    /// refuses `INFO` is not judged. The task holds the connection only while it checks, and
+    /// ends once the connection is dropped.
+    async fn watch_eviction_policy(&self, connected: bool) {
+        let mut seen = None;
+        if connected {
+            seen = self.check_eviction_policy(None).await;
+        }
+        let shared = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let pause = if seen.is_some() {
+                    EVICTION_RECHECK
+                } else {
+                    Duration::from_secs(1)
+                };
+                tokio::time::sleep(pause).await;
+                let Some(inner) = shared.upgrade() else {
+                    return;
+                };
+                let connection = RedisConnection { inner };
+                if !connection.inner.pool.is_connected() {
+                    continue;
+                }
+                if let Some(now) = connection.check_eviction_policy(seen.as_ref()).await {
+                    seen = Some(now);
+                }
+            }
+        });
+    }
+
+    /// One check: `Some(Some(policy))` when Redis may evict, `Some(None)` when it may not,
+    /// `None` when `INFO` gave no answer. Logs only when the outcome differs from `last`, the
+    /// previous answered check (`None`: there was none).
+    async fn check_eviction_policy(&self, last: Option<&Option<String>>) -> Option<Option<String>> {
         let info: Result<String, _> = self
             .bounded(self.client().info(Some(fred::types::InfoKind::Memory)))
             .await;
-        match info {
-            Ok(info) => {
-                if let Some(policy) = evicting_policy(&info) {
-                    tracing::warn!(
-                        target = %self.inner.target,
-                        maxmemory_policy = policy,
-                        "redis may evict keys when it reaches maxmemory: an evicted nonce could be replayed and an evicted revocation lifted; set maxmemory-policy to noeviction (a full redis then refuses writes, which is 503 store_unavailable)"
-                    );
-                }
-            }
+        let info = match info {
+            Ok(info) => info,
             Err(e) => {
                 tracing::debug!(target = %self.inner.target, error = %e, "cannot read INFO memory; the eviction policy is not checked");
+                return None;
+            }
+        };
+        let policy = evicting_policy(&info).map(str::to_owned);
+        if last != Some(&policy) {
+            if let Some(policy) = &policy {
+                tracing::warn!(
+                    target = %self.inner.target,
+                    maxmemory_policy = %policy,
+                    "redis may evict keys when it reaches maxmemory: an evicted nonce could be replayed and an evicted revocation lifted; set maxmemory-policy to noeviction (a full redis then refuses writes, which is 503 store_unavailable)"
+                );
+            } else if last.is_some() {
+                tracing::info!(target = %self.inner.target, "redis no longer evicts keys");
             }
         }
+        Some(policy)
     }
 
     /// A pooled client that applies the per-command options (one attempt, fail fast, timeout).

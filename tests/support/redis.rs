@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments, kept for restarts.
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -25,7 +27,16 @@ impl RedisServer {
 
     /// Starts `redis-server` on `port` (one the test picked with [`free_port`]).
     pub async fn start_on(port: u16) -> RedisServer {
-        let mut server = RedisServer { port, child: None };
+        RedisServer::start_with(port, &[]).await
+    }
+
+    /// Starts `redis-server` on `port` with more arguments (`["--maxmemory", "64mb"]`).
+    pub async fn start_with(port: u16, extra_args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
         server.spawn().await;
         server
     }
@@ -76,6 +87,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
