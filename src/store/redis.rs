@@ -164,20 +164,23 @@ impl RedisConnection {
     /// nonce has a TTL).
     ///
     /// Checked with `INFO memory` now when connected (so that the warning comes with the start
-    /// logs), then in the background: every second until a check succeeds (Redis may come up
-    /// after the proxy), then every five minutes (the policy can be changed at run time). A
-    /// warning is logged when what a check sees differs from the last one; a server that
-    /// refuses `INFO` is not judged. The task holds the connection only while it checks, and
-    /// ends once the connection is dropped.
+    /// logs), then in the background: every second until Redis answers (it may come up after
+    /// the proxy), then every five minutes (the policy can be changed at run time). A warning
+    /// is logged when what a check sees differs from the last one; a server that refuses
+    /// `INFO` is not judged, and asked again every five minutes. The task holds the connection
+    /// only while it checks, and ends once the connection is dropped.
     async fn watch_eviction_policy(&self, connected: bool) {
-        let mut seen = None;
+        // The last answer (`Some(policy)` when Redis may evict), and whether any check has
+        // been answered: a server that refuses `INFO` counts as answered, not judged.
+        let mut last: Option<Option<String>> = None;
+        let mut answered = false;
         if connected {
-            seen = self.check_eviction_policy(None).await;
+            self.record_eviction_check(&mut last, &mut answered).await;
         }
         let shared = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {
-                let pause = if seen.is_some() {
+                let pause = if answered {
                     EVICTION_RECHECK
                 } else {
                     Duration::from_secs(1)
@@ -187,32 +190,32 @@ impl RedisConnection {
                     return;
                 };
                 let connection = RedisConnection { inner };
-                if !connection.inner.pool.is_connected() {
-                    continue;
-                }
-                if let Some(now) = connection.check_eviction_policy(seen.as_ref()).await {
-                    seen = Some(now);
+                if connection.inner.pool.is_connected() {
+                    connection
+                        .record_eviction_check(&mut last, &mut answered)
+                        .await;
                 }
             }
         });
     }
 
-    /// One check: `Some(Some(policy))` when Redis may evict, `Some(None)` when it may not,
-    /// `None` when `INFO` gave no answer. Logs only when the outcome differs from `last`, the
-    /// previous answered check (`None`: there was none).
-    async fn check_eviction_policy(&self, last: Option<&Option<String>>) -> Option<Option<String>> {
+    /// One `INFO memory` check. Logs a warning when Redis may evict and the last answer was
+    /// different (or there was none), and a note when it no longer may.
+    async fn record_eviction_check(&self, last: &mut Option<Option<String>>, answered: &mut bool) {
         let info: Result<String, _> = self
             .bounded(self.client().info(Some(fred::types::InfoKind::Memory)))
             .await;
         let info = match info {
             Ok(info) => info,
             Err(e) => {
+                *answered |= matches!(e, StoreError::Refused { .. });
                 tracing::debug!(target = %self.inner.target, error = %e, "cannot read INFO memory; the eviction policy is not checked");
-                return None;
+                return;
             }
         };
+        *answered = true;
         let policy = evicting_policy(&info).map(str::to_owned);
-        if last != Some(&policy) {
+        if last.as_ref() != Some(&policy) {
             if let Some(policy) = &policy {
                 tracing::warn!(
                     target = %self.inner.target,
@@ -223,7 +226,7 @@ impl RedisConnection {
                 tracing::info!(target = %self.inner.target, "redis no longer evicts keys");
             }
         }
-        Some(policy)
+        *last = Some(policy);
     }
 
     /// A pooled client that applies the per-command options (one attempt, fail fast, timeout).
