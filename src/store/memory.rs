@@ -122,10 +122,11 @@ impl NonceStore for MemoryNonceStore {
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
         let key = entry_key(key_id, nonce);
-        if self.nonces.contains_key(&key) {
-            return Ok(NonceOutcome::Replayed);
-        }
         if self.held.load(Ordering::Acquire) >= self.capacity {
+            // Full or nearly: a recorded nonce is still a replay, whatever the room.
+            if self.nonces.contains_key(&key) {
+                return Ok(NonceOutcome::Replayed);
+            }
             // Expired entries are removed (and counted down) by moka's pending tasks.
             self.nonces.run_pending_tasks().await;
             if self.held.load(Ordering::Acquire) >= self.capacity {
