@@ -142,8 +142,19 @@ fn signed(method: &str, target: &str, host: &str, body: &[u8]) -> Signed {
 /// Sends `s` byte for byte (the target exactly as signed), with `Authorization: <header>` and
 /// any extra header lines.
 async fn send_signed(addr: std::net::SocketAddr, s: &Signed, extra: &str) -> RawResponse {
+    send_signed_in(addr, s, "Authorization", extra).await
+}
+
+/// [`send_signed`] with the signature in header `name` (`X-Signature` when `Authorization`
+/// carries a bearer token).
+async fn send_signed_in(
+    addr: std::net::SocketAddr,
+    s: &Signed,
+    name: &str,
+    extra: &str,
+) -> RawResponse {
     let mut head = format!(
-        "{} {} HTTP/1.1\nHost: {}\nAuthorization: {}\nContent-Length: {}",
+        "{} {} HTTP/1.1\nHost: {}\n{name}: {}\nContent-Length: {}",
         s.method,
         s.target,
         s.host,
@@ -391,15 +402,13 @@ async fn a_signed_request_with_a_token_is_answered_in_design_order() {
     let addr = proxy.addr;
     // The token as a bearer, the signature in X-Signature.
     let send = |s: Signed, t: String| async move {
-        let head = format!(
-            "{} {} HTTP/1.1\nHost: {}\nAuthorization: Bearer {t}\nX-Signature: {}\nContent-Length: {}",
-            s.method,
-            s.target,
-            s.host,
-            s.header,
-            s.body.len()
-        );
-        raw(addr, &head, &s.body).await
+        send_signed_in(
+            addr,
+            &s,
+            "X-Signature",
+            &format!("Authorization: Bearer {t}"),
+        )
+        .await
     };
 
     // The store connects in the background: wait until the proxy says it is ready.
