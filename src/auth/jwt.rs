@@ -1359,10 +1359,7 @@ mod tests {
     async fn cached_token_skips_verification_but_not_expiry() {
         let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
         // A real clock, since the cache expires entries at exp in real time.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
         let token = KEYS.es256.sign(&claims);
         let first = v.verify(&token, now).await.unwrap();
@@ -1384,10 +1381,7 @@ mod tests {
         let config = jwt_config(vec![issuer], 100);
         let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
         let v = JwtVerifier::new(&config, store);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
         let withdrawn = k.es256.sign(&claims);
         let kept = k.rs256.sign(&claims);

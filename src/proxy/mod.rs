@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
@@ -32,7 +32,8 @@ use crate::metrics::Metrics;
 use crate::problem::Rejection;
 use crate::server::tls::TlsError;
 use crate::store::{
-    rate_limit_headers, NonceOutcome, NonceStore, RateLimiter, RevocationStore, StoreError, Stores,
+    rate_limit_headers, revocation, NonceOutcome, NonceStore, RateLimiter, RevocationStore,
+    StoreError, Stores,
 };
 use forward::{LimitedBody, ResponseBody, Upstream};
 
@@ -409,7 +410,7 @@ impl Proxy {
         request_id: &str,
     ) -> Result<Arc<VerifiedToken>, Rejection> {
         let token = bearer_token(headers)?;
-        let now = unix_now();
+        let now = revocation::unix_now();
         let verified = self.jwt.verify(token, now).await?;
         check_certificate_binding(&verified, conn.client_cert.as_deref())?;
         self.check_revocation(&verified, now, request_id)?;
@@ -670,12 +671,6 @@ impl Default for Outcome<'_> {
             client: None,
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
