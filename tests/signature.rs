@@ -168,6 +168,19 @@ async fn send_signed_in(
     raw(addr, &head, &s.body).await
 }
 
+/// The Redis store may still be connecting when the proxy starts (its requests then get 503):
+/// waits until its `/readyz` (at `readyz_url`) says it is ready.
+async fn wait_ready(readyz_url: &str) {
+    let started = Instant::now();
+    while get(readyz_url, &[]).await.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not ready within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn assert_refused(response: &RawResponse, status: u16, code: &str) {
     assert_eq!(
         (response.status, response.code().as_str()),
@@ -184,6 +197,7 @@ async fn a_valid_signed_request_passes_with_client_identity() {
     let dir = tempfile::tempdir().unwrap();
     let proxy =
         TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
+    wait_ready(&proxy.admin_url("/readyz")).await;
     let host = proxy.addr.to_string();
 
     let s = signed(
@@ -411,15 +425,7 @@ async fn a_signed_request_with_a_token_is_answered_in_design_order() {
         .await
     };
 
-    // The store connects in the background: wait until the proxy says it is ready.
-    let started = Instant::now();
-    while get(&proxy.admin_url("/readyz"), &[]).await.status != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not ready within 5s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready(&proxy.admin_url("/readyz")).await;
     let fresh = signed("POST", "/both/a", &host, b"{}");
     assert_eq!(send(fresh, good.clone()).await.status, 200);
 
@@ -485,6 +491,9 @@ async fn two_proxy_processes_share_nonces_through_one_redis() {
     let text = config(&upstream, &redis_store(&redis));
     let a = ProxyProcess::spawn(&text, &env());
     let b = ProxyProcess::spawn(&text, &env());
+    for replica in [&a, &b] {
+        wait_ready(&format!("http://{}/readyz", replica.admin)).await;
+    }
     // Both replicas sit behind one name, as behind a load balancer.
     let s = signed("POST", "/signed/once", "api.example.com", b"{}");
     let response = send_signed(a.addr, &s, "").await;
@@ -501,6 +510,7 @@ async fn redis_down_fails_closed_fast_and_recovers_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let proxy =
         TestProxy::start(&config(&upstream, &redis_store(&redis)), dir.path(), &env()).await;
+    wait_ready(&proxy.admin_url("/readyz")).await;
     let host = proxy.addr.to_string();
     assert_eq!(
         send_signed(proxy.addr, &signed("GET", "/signed/1", &host, b""), "")
