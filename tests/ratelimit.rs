@@ -21,6 +21,7 @@ fn store_config(backend: StoreBackend) -> StoreConfig {
         // Generous: a burst of concurrent checks queues on two connections on a 2-core box.
         timeout: Duration::from_millis(500),
         revocation_max_lag: Duration::from_secs(5),
+        max_nonces: store::memory::DEFAULT_CAPACITY,
     }
 }
 

@@ -19,6 +19,7 @@ fn store_config(backend: StoreBackend, max_lag: Duration) -> StoreConfig {
         on_error: OnStoreError::Deny,
         timeout: Duration::from_millis(100),
         revocation_max_lag: max_lag,
+        max_nonces: store::memory::DEFAULT_CAPACITY,
     }
 }
 

@@ -661,3 +661,31 @@ async fn a_request_signed_by_portcullis_sign_passes() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_store_at_max_nonces_refuses_new_nonces_and_still_catches_replays() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = "[store]\nbackend = \"memory\"\nmax_nonces = 3";
+    let proxy = TestProxy::start(&config(&upstream, store), dir.path(), &env()).await;
+    let host = proxy.addr.to_string();
+    let first = signed("GET", "/signed/0", &host, b"");
+    let response = send_signed(proxy.addr, &first, "").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    for i in 1..3 {
+        let s = signed("GET", &format!("/signed/{i}"), &host, b"");
+        let response = send_signed(proxy.addr, &s, "").await;
+        assert_eq!(response.status, 200, "request {i}: {}", response.body);
+    }
+    // Full: a fresh nonce is refused rather than recorded at the price of an old one.
+    let response = send_signed(proxy.addr, &signed("GET", "/signed/3", &host, b""), "").await;
+    assert_refused(&response, 503, "store_unavailable");
+    // The nonces it holds are still caught when replayed.
+    assert_refused(
+        &send_signed(proxy.addr, &first, "").await,
+        401,
+        "nonce_replayed",
+    );
+    assert_eq!(upstream.count(), 3);
+    proxy.stop().await;
+}

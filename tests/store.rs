@@ -22,6 +22,7 @@ fn store_config(backend: StoreBackend) -> StoreConfig {
         on_error: OnStoreError::Deny,
         timeout: Duration::from_millis(100),
         revocation_max_lag: Duration::from_secs(5),
+        max_nonces: store::memory::DEFAULT_CAPACITY,
     }
 }
 

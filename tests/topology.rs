@@ -31,6 +31,7 @@ async fn sentinel_failover_fails_closed_then_recovers_without_rebuilding_the_sto
         on_error: OnStoreError::Deny,
         timeout: Duration::from_millis(100),
         revocation_max_lag: Duration::from_secs(1),
+        max_nonces: store::memory::DEFAULT_CAPACITY,
     })
     .await
     .unwrap();

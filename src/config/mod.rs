@@ -104,6 +104,9 @@ pub struct StoreConfig {
     pub on_error: OnStoreError,
     pub timeout: Duration,
     pub revocation_max_lag: Duration,
+    /// How many nonces the memory store holds within their TTL before it refuses new ones
+    /// (`backend = "memory"` only; Redis is bounded by its own `maxmemory`).
+    pub max_nonces: u64,
 }
 
 /// Where nonces, revocations and rate-limit windows live.
@@ -832,11 +835,24 @@ impl Validator<'_> {
             raw.revocation_max_lag.as_deref(),
             Duration::from_secs(5),
         );
+        if raw.max_nonces.is_some() && matches!(backend, StoreBackend::Redis { .. }) {
+            self.error(
+                "store.max_nonces",
+                "max_nonces bounds the memory store; Redis is bounded by its own maxmemory",
+            );
+        }
+        let max_nonces = self.positive(
+            "store.max_nonces",
+            raw.max_nonces,
+            crate::store::memory::DEFAULT_CAPACITY,
+            false,
+        );
         StoreConfig {
             backend,
             on_error,
             timeout,
             revocation_max_lag,
+            max_nonces,
         }
     }
 
@@ -1369,6 +1385,25 @@ mod tests {
             "{e:?}"
         );
         assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn max_nonces_bounds_the_memory_store_only() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.store.max_nonces, crate::store::memory::DEFAULT_CAPACITY);
+        let c = parse("[store]\nmax_nonces = 250000\n", &[]).unwrap();
+        assert_eq!(c.store.max_nonces, 250_000);
+        assert_eq!(
+            errors("[store]\nmax_nonces = 0\n", &[]),
+            ["store.max_nonces: 0 is out of range: it must be at least 1"]
+        );
+        assert_eq!(
+            errors(
+                "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nmax_nonces = 1000\n",
+                &[]
+            ),
+            ["store.max_nonces: max_nonces bounds the memory store; Redis is bounded by its own maxmemory"]
+        );
     }
 
     #[test]

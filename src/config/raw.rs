@@ -73,6 +73,7 @@ pub(crate) struct RawStore {
     pub(crate) on_error: Option<String>,
     pub(crate) timeout: Option<String>,
     pub(crate) revocation_max_lag: Option<String>,
+    pub(crate) max_nonces: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -99,7 +99,7 @@ pub trait NonceStore: Send + Sync + std::fmt::Debug {
 /// error until it is up, so requests that need it fail closed meanwhile.
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn NonceStore>, StoreError> {
     match &config.backend {
-        StoreBackend::Memory => Ok(Arc::new(MemoryNonceStore::new())),
+        StoreBackend::Memory => Ok(Arc::new(MemoryNonceStore::with_capacity(config.max_nonces))),
         StoreBackend::Redis { url } => Ok(Arc::new(
             RedisNonceStore::connect(url, config.timeout).await?,
         )),
@@ -128,7 +128,7 @@ pub struct Stores {
 pub async fn connect_all(config: &StoreConfig) -> Result<Stores, StoreError> {
     match &config.backend {
         StoreBackend::Memory => Ok(Stores {
-            nonces: Arc::new(MemoryNonceStore::new()),
+            nonces: Arc::new(MemoryNonceStore::with_capacity(config.max_nonces)),
             revocations: Arc::new(MemoryRevocationStore::new()),
             rate_limits: Arc::new(MemoryRateLimiter::new()),
         }),
