@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use support::http::{get, send, RawResponse};
 use support::keys::TestKey;
-use support::proxy::{config_text, ProxyProcess, TestProxy};
+use support::proxy::{config_text, wait_ready, ProxyProcess, TestProxy};
 use support::redis::{free_port, RedisSentinel, RedisServer};
 use support::upstream::Upstream;
 
@@ -267,6 +267,9 @@ async fn a_revocation_posted_to_one_replica_rejects_at_the_other_within_a_second
     let text = config(&upstream, &redis_store(&redis.url(), "5s"), "");
     let a = ProxyProcess::spawn(&text, &env());
     let b = ProxyProcess::spawn(&text, &env());
+    for replica in [&a, &b] {
+        wait_ready(&format!("http://{}/readyz", replica.admin)).await;
+    }
     let t = token("user-5", "jti-5", now() - 5);
     assert_eq!(call(b.addr, "/api", &t).await.status, 200);
     let posted = Instant::now();
@@ -367,6 +370,7 @@ async fn redis_down_within_the_lag_still_serves_then_fails_closed_and_says_so() 
         &env(),
     )
     .await;
+    wait_ready(&proxy.admin_url("/readyz")).await;
     let t = token("user-6", "jti-6", now() - 5);
     assert_eq!(call(proxy.addr, "/api", &t).await.status, 200);
 
@@ -453,6 +457,9 @@ async fn a_limit_of_n_allows_exactly_n_across_two_replicas() {
     );
     let a = ProxyProcess::spawn(&text, &env());
     let b = ProxyProcess::spawn(&text, &env());
+    for replica in [&a, &b] {
+        wait_ready(&format!("http://{}/readyz", replica.admin)).await;
+    }
     let t = token("user-7", "jti-7", now() - 5);
     let mut tasks = Vec::new();
     for i in 0..16 {
@@ -495,6 +502,7 @@ async fn a_sentinel_failover_fails_closed_then_passes_without_a_restart() {
         "\n[signature]\n[[signature.keys]]\nid = \"k\"\nclient = \"c\"\nsecret_env = \"HS_SECRET\"\n\n[[routes]]\nname = \"signed\"\npath_prefix = \"/signed\"\nrequire = [\"signature\"]\n",
     );
     let proxy = TestProxy::start(&text, dir.path(), &env()).await;
+    wait_ready(&proxy.admin_url("/readyz")).await;
     let host = proxy.addr.to_string();
     let signed = |path: &str| {
         let ts = now() as u64;

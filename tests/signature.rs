@@ -12,7 +12,7 @@ use portcullis::config::SignatureAlgorithm;
 use sha2::{Digest, Sha256};
 use support::http::{get, raw, send, RawResponse};
 use support::keys::TestKey;
-use support::proxy::{config_text, ProxyProcess, TestProxy};
+use support::proxy::{config_text, wait_ready, ProxyProcess, TestProxy};
 use support::redis::RedisServer;
 use support::upstream::Upstream;
 
@@ -166,19 +166,6 @@ async fn send_signed_in(
         head.push_str(extra);
     }
     raw(addr, &head, &s.body).await
-}
-
-/// The Redis store may still be connecting when the proxy starts (its requests then get 503):
-/// waits until its `/readyz` (at `readyz_url`) says it is ready.
-async fn wait_ready(readyz_url: &str) {
-    let started = Instant::now();
-    while get(readyz_url, &[]).await.status != 200 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not ready within 5s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn assert_refused(response: &RawResponse, status: u16, code: &str) {

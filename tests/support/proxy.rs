@@ -171,3 +171,16 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A Redis store may still be connecting when the proxy starts (its requests then get 503):
+/// waits until the proxy's `/readyz` (at `readyz_url`) says it is ready.
+pub async fn wait_ready(readyz_url: &str) {
+    let started = std::time::Instant::now();
+    while super::http::get(readyz_url, &[]).await.status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "not ready within 5s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
