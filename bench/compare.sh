@@ -476,7 +476,8 @@ fi
   echo "  proxies on CPU $SERVER_CPU with one worker thread, upstream nginx + loadgen + redis on CPU $CLIENT_CPU; rounds alternate the targets ($TARGETS)."
   echo "- CPU columns (medians over the rounds, share of one core over the run): 'proxy' = user+sys of the process under test from /proc/PID/stat (for (a) the upstream nginx itself),"
   echo "  'upstream' = the upstream nginx, 'loadgen' = its own report; 'CPU 0 / CPU 1 busy' = all processes on each core from /proc/stat"
-  echo "  (CPU 0 busy minus proxy = other processes on the proxy's core; CPU 1 near 100% = the client side limits the figure)."
+  echo "  (CPU 0 busy minus proxy = other processes on the proxy's core; CPU 1 near 100% = the client side limits the figure);"
+  echo "  'proxy CPU per request' = that process's CPU time over the requests it answered, which does not depend on what limited the rate."
   echo
   echo "$TABLE"
   echo

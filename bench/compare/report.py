@@ -38,6 +38,10 @@ for t in order:
         "bad": bad,
         "all": [r["requests_per_s"] for r in rs],
         "cpu": med([cpu / r["elapsed_s"] for _, r, _, cpu in runs[t]]),
+        # CPU time of the process under test per answered request, in microseconds: what a
+        # request costs the proxy, whatever limited the rate (the client's core included).
+        "us": med([cpu / r["requests"] * 1e6 for _, r, _, cpu in runs[t] if r["requests"]]),
+        "us_by_round": {rnd: cpu / r["requests"] * 1e6 for rnd, r, _, cpu in runs[t] if r["requests"]},
         "lg": med([r["loadgen_cpu_share"] or 0 for r in rs]),
         "up": med([r["_upcpu"] / r["elapsed_s"] for r in rs]),
         "b0": med([r["_busy"][0] for r in rs]),
@@ -57,6 +61,16 @@ def ratio(t, base):
     summary[t]["vs_" + base] = per_round
     return med(per_round), summary[t]["rps"] / summary[base]["rps"]
 
+def cpu_ratio(t, base):
+    """Median over the rounds of base's CPU per request over t's (above 1: t costs less)."""
+    if base not in summary:
+        return None
+    mine, theirs = summary[t]["us_by_round"], summary[base]["us_by_round"]
+    per_round = [theirs[r] / mine[r] for r in mine if theirs.get(r) and mine[r]]
+    summary[t]["cpu_vs_" + base] = per_round
+    return med(per_round)
+
+
 def share(x):
     return "-" if x != x else f"{x:.1%}"
 
@@ -67,14 +81,14 @@ def ratio_cell(t, base):
 
 
 out = []
-out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | CPU: proxy / upstream / loadgen | CPU 0 / CPU 1 busy | CPU 0 / CPU 1 steal |")
-out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |")
+out.append("| target | median req/s | p50 ms | p99 ms | vs HAProxy plain | vs HAProxy jwt_verify | non-2xx (errors) | req/s per round | CPU: proxy / upstream / loadgen | proxy CPU per request | CPU 0 / CPU 1 busy | CPU 0 / CPU 1 steal |")
+out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | --- | --- |")
 for t in order:
     s = summary[t]
     broken = " **BROKEN**" if s["bad"] else ""
     per = " / ".join(f"{x:,.0f}" for x in s["all"])
     out.append(f"| ({t}) {names.get(t, t)}{broken} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {ratio_cell(t, 'c')} | {ratio_cell(t, 'd')} | "
-               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} / {s['up']:.0%} / {s['lg']:.0%} | {s['b0']:.0%} / {s['b1']:.0%} | {share(s['s0'])} / {share(s['s1'])} |")
+               f"{s['non2xx']} ({s['errors']}) | {per} | {s['cpu']:.0%} / {s['up']:.0%} / {s['lg']:.0%} | {s['us']:.1f} µs | {s['b0']:.0%} / {s['b1']:.0%} | {share(s['s0'])} / {share(s['s1'])} |")
 out.append("")
 out.append("Ratios: the median over the rounds of the ratio measured in each round, against HAProxy in the same round "
            "(the acceptance's figure); in brackets, the ratio of the median req/s. Per-round ratios:")
@@ -82,6 +96,14 @@ out.append("")
 for t, base in (("e", "c"), ("f", "d"), ("g", "d")):
     if t in summary and "vs_" + base in summary[t]:
         out.append(f"- ({t}) / ({base}): " + " / ".join(f"{x:.2f}x" for x in summary[t]["vs_" + base]))
+out.append("")
+out.append("CPU per request against HAProxy in the same round (HAProxy's µs per request over portcullis's; "
+           "above 1: portcullis spends less CPU on a request), median and per round:")
+out.append("")
+for t, base in (("e", "c"), ("f", "d"), ("g", "d")):
+    if t in summary and base in summary:
+        m = cpu_ratio(t, base)
+        out.append(f"- ({t}) / ({base}): {m:.2f}x; " + " / ".join(f"{x:.2f}x" for x in summary[t]["cpu_vs_" + base]))
 out.append("")
 out.append("Load average (1/5/15 min) before each run:")
 out.append("")
