@@ -136,7 +136,7 @@ impl NonceStore for MemoryNonceStore {
             if self.held.load(Ordering::Acquire) >= self.capacity {
                 return Err(StoreError::Refused {
                     reason: format!(
-                        "the memory nonce store is full ({} nonces within their TTL); the Redis store holds more",
+                        "the memory nonce store is full ({} nonces within their TTL, [store] max_nonces); the Redis store holds more",
                         self.capacity
                     ),
                 });
