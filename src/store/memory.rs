@@ -37,7 +37,7 @@ pub const DEFAULT_CAPACITY: u64 = 4_000_000;
 /// forgetting a nonce early: a forgotten nonce could be replayed for the rest of its TTL while
 /// its timestamp is still inside the signature window. A nonce already recorded is still
 /// reported as replayed when the store is full. A proxy that expects more than the bound within
-/// one TTL should use the Redis store.
+/// one TTL should raise `[store] max_nonces` (at about 310 bytes a nonce) or use the Redis store.
 ///
 /// Keys are the first 16 bytes of SHA-256 over the key id and the nonce, not the strings
 /// themselves: a fixed size, no allocation per entry, and a collision (which would make a fresh
