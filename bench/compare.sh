@@ -298,10 +298,18 @@ lg() { # target extra-args... -> loadgen JSON on stdout
 log "warm-up (2 s each, not reported)"
 for t in $TARGETS; do lg "$t" -c "$CONNS" -d 2s > "$DIR/warm-$t.json"; done
 
+# Each target runs right beside the HAProxy it is compared with ((c) beside (e), (d) beside
+# (f)), and every second round runs in the reverse order (ABBA): a machine that speeds up or
+# slows down during the run then favours neither side of a ratio.
+ORDER=""
+for t in a b c e d f g h i; do case " $TARGETS " in *" $t "*) ORDER="$ORDER $t" ;; esac; done
+REVERSED=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' ')
+
 TSV=$RAW/runs.tsv; : > "$TSV"
 for r in $(seq "$ROUNDS"); do
   log "round $r of $ROUNDS, load average $(loadavg)"
-  for t in $TARGETS; do
+  if [ $((r % 2)) -eq 1 ]; then order=$ORDER; else order=$REVERSED; fi
+  for t in $order; do
     load=$(loadavg)
     before=$(cpu_of "${PID[$t]}"); up_before=$(cpu_of "$UP_PID"); st_before=$(cpustat)
     f=$RAW/r$r-$t.json
@@ -484,7 +492,7 @@ fi
   echo "- $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); $(redis-server --version | cut -d' ' -f1-3)"
   echo "- command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS TOKENS=$TOKENS RATE=$RATE bash bench/compare.sh\`"
   echo "- every run: \`taskset -c $CLIENT_CPU loadgen --threads 1 -c $CONNS -d $DURATION --url ...\` (closed loop, keep-alive), after a 2 s warm-up of each target;"
-  echo "  proxies on CPU $SERVER_CPU with one worker thread, upstream nginx + loadgen + redis on CPU $CLIENT_CPU; rounds alternate the targets ($TARGETS)."
+  echo "  proxies on CPU $SERVER_CPU with one worker thread, upstream nginx + loadgen + redis on CPU $CLIENT_CPU; odd rounds run the targets in the order$ORDER, even rounds in the reverse order (each portcullis target beside the HAProxy it is compared with)."
   echo "- CPU columns (medians over the rounds, share of one core over the run): 'proxy' = user+sys of the process under test from /proc/PID/stat (for (a) the upstream nginx itself),"
   echo "  'upstream' = the upstream nginx, 'loadgen' = its own report; 'CPU 0 / CPU 1 busy' = all processes on each core from /proc/stat"
   echo "  (CPU 0 busy minus proxy = other processes on the proxy's core; CPU 1 near 100% = the client side limits the figure);"

@@ -84,12 +84,24 @@ fn remove_connection_named(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| *name != HOST && !HOP_BY_HOP.contains(name))
+        .map(str::trim)
+        // `Connection: keep-alive`, which nearly every HTTP/1.1 upstream sends, names a header
+        // removed anyway: compared as text, it costs no parsing and no allocation.
+        .filter(|name| !is_kept_or_removed_anyway(name))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
+}
+
+/// `Host` (never removed: end-to-end by definition) or a hop-by-hop header (removed by
+/// [`strip`] in any case), in any case of letters.
+fn is_kept_or_removed_anyway(name: &str) -> bool {
+    name.eq_ignore_ascii_case(HOST.as_str())
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// A client-sent request id is kept when it is short visible ASCII; otherwise a new one (a
@@ -144,6 +156,23 @@ mod tests {
         assert!(h.get(CONNECTION).is_none());
         assert_eq!(h.get(HOST).unwrap(), "example");
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn connection_names_are_matched_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("Keep-Alive, HOST, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(HOST, HeaderValue::from_static("example"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get(HOST).unwrap(), "example");
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
