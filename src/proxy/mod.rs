@@ -386,9 +386,9 @@ impl Proxy {
         let (nonce, token) = if route.require.jwt {
             let mut nonce = std::pin::pin!(nonce);
             // The first poll hands the command to the store. A remote store's command then
-            // waits in its connection task's queue until this task lets that task run: one
-            // yield sends it before the token is verified, so that the store's round trip and
-            // the token's signature check overlap. A store that answered at once needs none.
+            // waits until its connection task runs: requeueing this task once lets that task
+            // write it before the token is verified, so that the store's round trip and the
+            // token's signature check overlap. A store that answered at once needs no requeue.
             let early =
                 std::future::poll_fn(|cx| Poll::Ready(Future::poll(nonce.as_mut(), cx))).await;
             let token = self.check_token(&parts.headers, conn, request_id);
