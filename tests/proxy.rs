@@ -309,6 +309,101 @@ async fn bodies_over_the_limit_get_413() {
     proxy.stop().await;
 }
 
+/// Bytes that show where a piece went missing or came twice: a run of letters per position.
+fn patterned(len: usize, seed: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| b'a' + ((i / 7 + seed) % 26) as u8)
+        .collect()
+}
+
+/// Small messages are joined into one write and large ones go out as a vector (`server::io`):
+/// request bodies of every size around that limit reach the upstream byte for byte, one after
+/// another on one kept-alive client connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_of_every_size_reach_the_upstream_whole() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let client = reqwest::Client::new();
+    for (seed, len) in [0, 1, 500, 1800, 2047, 2048, 2049, 4000, 70_000, 300_000]
+        .into_iter()
+        .enumerate()
+    {
+        let body = patterned(len, seed);
+        let response = client
+            .post(proxy.url("/upload"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{len} bytes");
+        let received = upstream.last();
+        assert_eq!(received.body.len(), len);
+        assert!(
+            received.body == body,
+            "a body of {len} bytes changed on the way"
+        );
+    }
+    proxy.stop().await;
+}
+
+/// The same for responses: a chunked response whose chunks run from 1 byte to 40 KB (so that
+/// joined and vectored writes alternate), twice on one client connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_in_pieces_of_every_size_reach_the_client_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZES: [usize; 9] = [1, 7, 100, 1500, 2040, 2100, 3000, 40_000, 2];
+    let expected: Vec<u8> = SIZES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| patterned(n, i))
+        .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let mut answer =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                        for (i, &n) in SIZES.iter().enumerate() {
+                            answer.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                            answer.extend_from_slice(&patterned(n, i));
+                            answer.extend_from_slice(b"\r\n");
+                        }
+                        answer.extend_from_slice(b"0\r\n\r\n");
+                        // Written in pieces, so that the proxy reads the body in pieces too.
+                        for piece in answer.chunks(997) {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            stream.flush().await.ok();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let (proxy, _dir) = start_at(addr).await;
+    let client = reqwest::Client::new();
+    for round in 0..2 {
+        let response = client.get(proxy.url("/public/data")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await.unwrap();
+        assert_eq!(body.len(), expected.len(), "round {round}");
+        assert!(
+            body == expected,
+            "round {round}: the body changed on the way"
+        );
+    }
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502() {
     // A port that was free a moment ago: nothing listens there.

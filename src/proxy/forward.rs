@@ -28,6 +28,7 @@ use super::upstream_tls;
 use super::BoxError;
 use crate::config::UpstreamConfig;
 use crate::problem::Rejection;
+use crate::server::io::Coalesced;
 use crate::server::tls::TlsError;
 
 /// The body sent upstream: the client's body streamed through the limit, the body already read
@@ -156,7 +157,7 @@ impl Upstream {
             .call(self.address.clone())
             .await
             .map_err(UpstreamError::Connect)?;
-        let (sender, connection) = self.builder.handshake(io).await?;
+        let (sender, connection) = self.builder.handshake(Coalesced(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

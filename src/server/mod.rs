@@ -3,6 +3,7 @@
 //! `server.drain_timeout`). [`Server::bind`] then [`Server::serve`] is what tests use; [`run`]
 //! does both.
 
+pub(crate) mod io;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -25,6 +26,7 @@ use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::store::{self, StoreError};
+use io::Coalesced;
 use tls::{TlsError, TlsState};
 
 /// Why the proxy could not start.
@@ -166,7 +168,7 @@ impl Server {
                         match acceptor {
                             None => {
                                 let conn_info = ConnectionInfo::new(peer, false, None);
-                                serve(&builder, watcher, TokioIo::new(stream), proxy, conn_info).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(stream)), proxy, conn_info).await;
                             }
                             Some(acceptor) => {
                                 let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -188,7 +190,7 @@ impl Server {
                                     .and_then(|der| ClientCert::from_der(der))
                                     .map(Arc::new);
                                 let conn_info = ConnectionInfo::new(peer, true, client_cert);
-                                serve(&builder, watcher, TokioIo::new(tls_stream), proxy, conn_info).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(tls_stream)), proxy, conn_info).await;
                             }
                         }
                     });
