@@ -6,7 +6,9 @@
 //! On a small message that difference is a measurable part of the kernel's work (about 2% of
 //! the proxy's CPU on the public route: bench/README.md, "Hot path, seventh pass"). So a write
 //! of several buffers that together fit [`COALESCE_MAX`] bytes is copied into one buffer and
-//! written once; anything larger still goes out as a vector, without a copy.
+//! written once; anything larger still goes out as a vector, without a copy. On a TLS
+//! connection this wraps the TLS stream, so a small message is one write into rustls (one
+//! record); rustls's writes of records to the socket are its own.
 //!
 //! hyper's own switch, `writev(false)`, would copy every body into the connection's write
 //! buffer, which then keeps the capacity of the largest body for as long as the connection
