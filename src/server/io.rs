@@ -66,14 +66,11 @@ impl<T: Write + Unpin> Write for Coalesced<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let mut filled = bufs.iter().filter(|b| !b.is_empty());
-        let (Some(first), Some(_)) = (filled.next(), filled.next()) else {
+        let first = filled.next().map_or(&[][..], |b| &b[..]);
+        if filled.next().is_none() {
             // One buffer with bytes in it (or none): a plain write of it.
-            let one = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &b[..]);
-            return Pin::new(&mut self.0).poll_write(cx, one);
-        };
+            return Pin::new(&mut self.0).poll_write(cx, first);
+        }
         let total = bufs.iter().map(|b| b.len()).sum::<usize>();
         if total > COALESCE_MAX {
             return if self.0.is_write_vectored() {
