@@ -327,6 +327,14 @@ REDIS_KEYS=$(redis-cli -p "$REDIS_PORT" dbsize 2>/dev/null || echo '?')
 names=(); for t in $TARGETS; do names+=("$t=${NAME[$t]}"); done
 TABLE=$(python3 "$TPL/report.py" "$TSV" "${names[@]}")
 
+slow_counts() { # portcullis target -> "count le_1ms le_5ms" of its request-duration histogram
+  curl -fsS "http://127.0.0.1:${PC_ADMIN[$1]}/metrics" | awk '
+    /^portcullis_request_duration_seconds_count / { c = $2 }
+    /^portcullis_request_duration_seconds_bucket\{le="0.001"\} / { a = $2 }
+    /^portcullis_request_duration_seconds_bucket\{le="0.005"\} / { b = $2 }
+    END { print c, a, b }'
+}
+
 # ---- (1) p99 added at a fixed rate -----------------------------------------------------------
 # (i) against the direct upstream, with HAProxy plain (c) and jwt_verify (d) at the same rate as
 # yardsticks: what the machine itself adds to any proxy's tail (scheduling across the two cores)
@@ -343,16 +351,34 @@ if [ "$RATE" != 0 ]; then
   NONCES_LEFT=$(redis-cli -p "$REDIS_PORT" --scan --pattern 'portcullis:nonce:*' | wc -l)
   [ "$NONCES_LEFT" = 0 ] || { echo "$NONCES_LEFT nonces left in Redis after removing them" >&2; exit 1; }
   REDIS_NOTE="; removed before the fixed-rate rounds, which start from a Redis without them"
-  log "fixed rate $RATE/s: direct upstream, HAProxy plain, HAProxy jwt_verify and (i), $RATE_ROUNDS rounds"
+  log "fixed rate $RATE/s: direct upstream, HAProxy plain, HAProxy jwt_verify, (f), (h) and (i), $RATE_ROUNDS rounds"
   RATE_MD="| round | load before | direct p50 / p99 / p99.9 ms | (c) HAProxy plain p50 / p99 / p99.9 | (d) HAProxy jwt_verify p50 / p99 / p99.9 | (i) portcullis p50 / p99 / p99.9 | p99 added: (c) / (d) / **(i)** ms | due not sent (direct / c / d / i) | non-2xx (direct / c / d / i) | steal CPU 0 / CPU 1 (direct; c; d; i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  RATE_SPLIT_MD="| round | (f) JWT only: p99 added; in the proxy over 1 ms / 5 ms | (h) JWT + signature, memory nonces | (i) JWT + signature, Redis nonces |"$'\n'"| --- | --- | --- | --- |"
   added=(); added_c=(); added_d=()
   for r in $(seq "$RATE_ROUNDS"); do
     load=$(loadavg)
-    for t in a c d i; do
+    for t in a c d f h i; do
       st_before=$(cpustat)
+      [ -n "${PC_ADMIN[$t]:-}" ] && slow_counts "$t" > "$RAW/rate-r$r-$t.hist0"
       lg "$t" -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/rate-r$r-$t.json"
       cpushare "$st_before" "$(cpustat)" > "$RAW/rate-r$r-$t.cpu"
+      [ -n "${PC_ADMIN[$t]:-}" ] && slow_counts "$t" > "$RAW/rate-r$r-$t.hist1"
     done
+    split=$(python3 - "$RAW/rate-r$r" "$r" <<'PY'
+import json, sys
+prefix = sys.argv[1]
+base = json.load(open(f"{prefix}-a.json"))["latency_ms"]["p99"]
+cells = []
+for t in "fhi":
+    p99 = json.load(open(f"{prefix}-{t}.json"))["latency_ms"]["p99"]
+    before, after = ([float(x) for x in open(f"{prefix}-{t}.hist{k}").read().split()] for k in "01")
+    count = after[0] - before[0]
+    over = [count - (a - b) for a, b in zip(after[1:], before[1:])]
+    cells.append(f"{p99 - base:.3f} ms; {over[0]:.0f} / {over[1]:.0f} of {count:.0f}")
+print(f"| {sys.argv[2]} | " + " | ".join(cells) + " |")
+PY
+)
+    RATE_SPLIT_MD+=$'\n'"$split"
     line=$(python3 - "$RAW/rate-r$r" "$r" "$load" <<'PY'
 import json, sys
 prefix = sys.argv[1]
@@ -502,7 +528,14 @@ fi
   echo
   echo "Keys in the benchmark's Redis after the rounds (nonces of (i), TTL 2 x max_skew): $REDIS_KEYS${REDIS_NOTE:-}."
   echo
-  if [ -n "$RATE_MD" ]; then echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo; fi
+  if [ -n "$RATE_MD" ]; then
+    echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo
+    echo "Where (i)'s tail comes from, in the same rounds: the p99 added over the direct upstream by the JWT check alone (f), with the"
+    echo "signature and memory nonces (h), and with Redis nonces (i); and how many requests the proxy itself took over 1 ms and over 5 ms"
+    echo 'from request head to response head (its `portcullis_request_duration_seconds` histogram, read from /metrics before and after).'
+    echo "Requests slow in the client's figures but not in the proxy's waited outside it (in the sockets, or for a core)."
+    echo; echo "$RATE_SPLIT_MD"; echo
+  fi
   if [ -n "$BUSY_MD" ]; then echo "## The same with busy polling (each busy poller alone on CPU $SERVER_CPU)"; echo; echo "$BUSY_MD"; echo; fi
   if [ -n "$MEM_MD" ]; then echo "## Memory"; echo; echo "$MEM_MD"; echo; fi
   if [ -n "$WRK_MD" ]; then echo "## wrk reference (one round, \`wrk -t1 -c$CONNS -d$DURATION --latency\`, CPU $CLIENT_CPU)"; echo; echo "$WRK_MD"; echo; fi
