@@ -9,7 +9,8 @@
 #   PORTCULLIS [target-release/release/portcullis of this worktree]   the proxy's release binary
 #   LOADGEN [bench/loadgen/target/release/loadgen] (built when missing)
 #   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i"]
-#   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i)); RATE=0 skips it
+#   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i), with HAProxy plain and
+#                jwt_verify, (f) and (h) in the same rounds); RATE=0 skips it
 #   BUSY [1]     the fixed-rate rounds once more with busy polling: HAProxy jwt_verify with
 #                `busy-polling` and (i) with `busy_poll = true`, each alone on the proxies' core
 #   MEM [1]      RSS with 1,000 idle keep-alive connections and a full verified cache
