@@ -351,44 +351,21 @@ async fn request_bodies_of_every_size_reach_the_upstream_whole() {
 /// joined and vectored writes alternate), twice on one client connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_bodies_in_pieces_of_every_size_reach_the_client_whole() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const SIZES: [usize; 9] = [1, 7, 100, 1500, 2040, 2100, 3000, 40_000, 2];
     let expected: Vec<u8> = SIZES
         .iter()
         .enumerate()
         .flat_map(|(i, &n)| patterned(n, i))
         .collect();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        let mut answer =
-                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                        for (i, &n) in SIZES.iter().enumerate() {
-                            answer.extend_from_slice(format!("{n:x}\r\n").as_bytes());
-                            answer.extend_from_slice(&patterned(n, i));
-                            answer.extend_from_slice(b"\r\n");
-                        }
-                        answer.extend_from_slice(b"0\r\n\r\n");
-                        // Written in pieces, so that the proxy reads the body in pieces too.
-                        for piece in answer.chunks(997) {
-                            if stream.write_all(piece).await.is_err() {
-                                return;
-                            }
-                            stream.flush().await.ok();
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let mut answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for (i, &n) in SIZES.iter().enumerate() {
+        answer.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        answer.extend_from_slice(&patterned(n, i));
+        answer.extend_from_slice(b"\r\n");
+    }
+    answer.extend_from_slice(b"0\r\n\r\n");
+    // Written in pieces, so that the proxy reads the body in pieces too.
+    let (addr, _) = raw_upstream(answer, 997, None).await;
     let (proxy, _dir) = start_at(addr).await;
     let client = reqwest::Client::new();
     for round in 0..2 {
@@ -437,41 +414,48 @@ async fn counting_upstream_with_delay(
     close_delay: std::time::Duration,
     body: &'static [u8],
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let mut answer =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+    answer.extend_from_slice(body);
+    let close = close_after_answer.then_some(close_delay);
+    raw_upstream(answer, usize::MAX, close).await
+}
+
+/// A bare HTTP/1.1 upstream on a socket: writes `answer` (a whole response) for every request
+/// head on a connection, in pieces of at most `piece` bytes, and counts connections. With
+/// `close` it closes each connection after its first answer, after that delay, without saying
+/// so. Requests are GETs without a body: one answer per head.
+async fn raw_upstream(
+    answer: Vec<u8>,
+    piece: usize,
+    close: Option<std::time::Duration>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let count = connections.clone();
+    let answer: Arc<[u8]> = answer.into();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
+        while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut buf = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
                     seen.extend_from_slice(&buf[..n]);
-                    // GET requests without a body: one answer per head.
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                         seen.drain(..end + 4);
-                        let head =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-                        if stream.write_all(head.as_bytes()).await.is_err()
-                            || stream.write_all(body).await.is_err()
-                        {
-                            return;
+                        for part in answer.chunks(piece) {
+                            if stream.write_all(part).await.is_err() {
+                                return;
+                            }
+                            stream.flush().await.ok();
                         }
-                        if close_after_answer {
-                            if !close_delay.is_zero() {
-                                tokio::time::sleep(close_delay).await;
+                        if let Some(delay) = close {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
                             }
                             return;
                         }
