@@ -1,19 +1,26 @@
-//! The embedded nonce store: a bounded moka cache in this process, for a proxy that runs as one
-//! replica. Two replicas with memory stores do not see each other's nonces, so a request
+//! The embedded nonce store: a set of recorded nonces in this process, for a proxy that runs as
+//! one replica. Two replicas with memory stores do not see each other's nonces, so a request
 //! replayed to the other replica would pass; use the Redis store for more than one.
 //!
 //! The signature check calls [`MemoryNonceStore::record_once`] after a valid HMAC. Its only
 //! failure is a full store (4,000,000 nonces within their TTL by default), which refuses new
 //! nonces rather than forget recorded ones; like any store error that is 503 store_unavailable
 //! unless `[store] on_error = "allow"`.
+//!
+//! It is a plain hash set with an expiry per entry, split into [`SHARDS`] tables, each behind its
+//! own lock, rather than a general cache: a nonce store needs no eviction policy (it must never
+//! evict), no admission policy and no access order, and a cache's bookkeeping for them cost
+//! about ten times the memory of the entries themselves and several microseconds a request. The
+//! split keeps every pause small: a table that grows rehashes only its own share of the entries
+//! (a single table of millions stalls the thread for milliseconds while it doubles), and expired
+//! entries are swept out one table at a time.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
-use moka::policy::EvictionPolicy;
-use moka::Expiry;
+use hashbrown::HashTable;
 use sha2::{Digest, Sha256};
 
 use super::{NonceOutcome, NonceStore, StoreError};
@@ -22,13 +29,25 @@ use super::{NonceOutcome, NonceStore, StoreError};
 ///
 /// Sized for 5,000 signed requests/s with the default TTL of 600 s (2 x max_skew of 300 s):
 /// 3,000,000 live entries, under this bound with room to spare. Each entry is a 16-byte key and
-/// a 16-byte TTL, but moka's bookkeeping around it brings the resident size to about 310 bytes
-/// per nonce (measured: 311 bytes per nonce in a proxy holding 590,000, 312 bytes in moka alone
-/// at 1,000,000; moka's own global TTL instead of the per-entry one saves under 5%). A full
-/// store at this bound is therefore about 1.2 GiB; a smaller `max_nonces` bounds it for a
-/// container with less memory (a 256 MiB container leaves room for about 500,000 beside the
-/// rest of the proxy).
+/// an 8-byte expiry in a hash table that is between 44% and 88% full; with the allocator's
+/// share, about 80 bytes a nonce resident (measured: 80-82 bytes a nonce at 2,000,000, against
+/// 311 for the moka cache this replaced). A full store at this bound is therefore about
+/// 320 MiB; a smaller `max_nonces` bounds it for a container with less memory.
 pub const DEFAULT_CAPACITY: u64 = 4_000_000;
+
+/// Tables the nonces are split into. At the default bound each holds about 16,000 nonces, so
+/// growing one rehashes that many and sweeping one visits that many: tens of microseconds.
+pub const SHARDS: usize = 256;
+
+/// How often each table is swept of expired nonces, at most: when a request touches it and its
+/// last sweep is older than this. Expired nonces can therefore stay counted for up to this long
+/// after their TTL, which only makes a full store refuse a little early.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The least time between two sweeps of every table when the store is full: each costs time
+/// in proportion to the whole store, and a full store must not let every refused request buy
+/// one.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Nonces in memory, each kept for the TTL it was recorded with.
 ///
@@ -37,33 +56,52 @@ pub const DEFAULT_CAPACITY: u64 = 4_000_000;
 /// forgetting a nonce early: a forgotten nonce could be replayed for the rest of its TTL while
 /// its timestamp is still inside the signature window. A nonce already recorded is still
 /// reported as replayed when the store is full. A proxy that expects more than the bound within
-/// one TTL should raise `[store] max_nonces` (at about 310 bytes a nonce) or use the Redis store.
+/// one TTL should raise `[store] max_nonces` or use the Redis store.
 ///
 /// Keys are the first 16 bytes of SHA-256 over the key id and the nonce, not the strings
 /// themselves: a fixed size, no allocation per entry, and a collision (which would make a fresh
-/// nonce look replayed) is as likely as guessing a 128-bit value.
+/// nonce look replayed) is as likely as guessing a 128-bit value. Tables and slots are chosen by
+/// a keyed hash of that (SipHash with a key drawn at start), so a client that picks its nonces
+/// cannot steer them into one table or one slot.
 #[derive(Debug, Clone)]
 pub struct MemoryNonceStore {
-    nonces: Cache<[u8; 16], Duration>,
-    /// Nonces held: counted up before each insert and down as moka removes entries. moka's
-    /// own entry count is updated a little after inserts; this one never lags behind an
-    /// insert (it may lag behind an expiry, which only makes the refusal early).
-    held: Arc<AtomicU64>,
-    /// New nonces are refused once this many are held.
-    capacity: u64,
+    inner: Arc<Inner>,
 }
 
-/// Expires each entry after the TTL stored as its value.
-struct TtlFromValue;
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    /// Nonces held in all tables, expired ones included until a sweep removes them.
+    held: AtomicU64,
+    /// New nonces are refused once this many are held.
+    capacity: u64,
+    /// Times are kept as milliseconds since this instant.
+    epoch: Instant,
+    /// When every table may next be swept because the store is full (milliseconds since epoch).
+    next_full_sweep: AtomicU64,
+}
 
-impl Expiry<[u8; 16], Duration> for TtlFromValue {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 16],
-        ttl: &Duration,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(*ttl)
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashTable<Entry>,
+    /// When this table is next swept (milliseconds since the epoch).
+    next_sweep: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: [u8; 16],
+    /// Milliseconds since the epoch at which the nonce may be used again.
+    expires: u64,
+}
+
+impl Shard {
+    /// Removes the nonces whose TTL has passed; returns how many.
+    fn sweep(&mut self, now: u64) -> u64 {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.expires > now);
+        (before - self.entries.len()) as u64
     }
 }
 
@@ -75,27 +113,26 @@ impl MemoryNonceStore {
 
     /// A store bounded at `max_entries` nonces (see the type's doc for what happens when full).
     pub fn with_capacity(max_entries: u64) -> Self {
-        let held = Arc::new(AtomicU64::new(0));
-        let removed = held.clone();
-        let nonces = Cache::builder()
-            // `record_once` refuses new nonces at `max_entries`. moka's own bound is only a
-            // backstop above it, for an entry count that lags behind the inserts (moka counts
-            // them a little later): it should never be reached.
-            .max_capacity(max_entries.saturating_add((max_entries / 4).max(1024)))
-            // Plain LRU rather than moka's default TinyLFU, should the backstop ever act:
-            // TinyLFU may refuse to admit a new key when the cache is full, which would leave
-            // a fresh nonce unrecorded; LRU records it and gives up the oldest one instead.
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(TtlFromValue)
-            .eviction_listener(move |_key, _ttl, _cause| {
-                removed.fetch_sub(1, Ordering::AcqRel);
-            })
-            .build();
         Self {
-            nonces,
-            held,
-            capacity: max_entries,
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                hasher: RandomState::new(),
+                held: AtomicU64::new(0),
+                capacity: max_entries,
+                epoch: Instant::now(),
+                next_full_sweep: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// Nonces held, expired ones included until their table is next swept.
+    pub fn len(&self) -> u64 {
+        self.inner.held.load(Ordering::Acquire)
+    }
+
+    /// Whether no nonce is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -103,6 +140,105 @@ impl Default for MemoryNonceStore {
     fn default() -> Self {
         Self::new()
     }
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        millis(self.epoch.elapsed())
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        // A panic inside a table operation (only an allocation failure, which aborts) cannot
+        // leave a table half-changed, so a poisoned lock still guards a sound table.
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sweeps `shard` if its time has come, keeping `held` in step.
+    fn sweep_if_due(&self, shard: &mut Shard, now: u64) {
+        if now >= shard.next_sweep {
+            let removed = shard.sweep(now);
+            self.held.fetch_sub(removed, Ordering::AcqRel);
+            shard.next_sweep = now + millis(SWEEP_EVERY);
+        }
+    }
+
+    /// Sweeps every table, at most once per [`FULL_SWEEP_EVERY`]; called with no lock held.
+    fn sweep_all(&self, now: u64) {
+        let due = self.next_full_sweep.load(Ordering::Acquire);
+        if now < due
+            || self
+                .next_full_sweep
+                .compare_exchange(
+                    due,
+                    now + millis(FULL_SWEEP_EVERY),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return;
+        }
+        for i in 0..self.shards.len() {
+            let mut shard = self.lock(i);
+            let removed = shard.sweep(now);
+            self.held.fetch_sub(removed, Ordering::AcqRel);
+            shard.next_sweep = now + millis(SWEEP_EVERY);
+        }
+    }
+
+    /// What `record_once` does, without the async wrapper.
+    fn record_once(&self, key: [u8; 16], ttl: Duration) -> Result<NonceOutcome, StoreError> {
+        let hash = self.hasher.hash_one(key);
+        // Bits 32..40 pick the table; hashbrown takes a slot from the low bits and a tag from
+        // the top seven, so every table still sees evenly spread slots and tags.
+        let index = (hash >> 32) as usize % self.shards.len();
+        let mut swept_all = false;
+        loop {
+            let now = self.now();
+            let expires = now.saturating_add(millis(ttl)).max(now + 1);
+            let mut shard = self.lock(index);
+            self.sweep_if_due(&mut shard, now);
+            if let Some(entry) = shard.entries.find_mut(hash, |e| e.key == key) {
+                if entry.expires > now {
+                    return Ok(NonceOutcome::Replayed);
+                }
+                // Recorded once, but its TTL has passed: fresh again, in the same slot.
+                entry.expires = expires;
+                return Ok(NonceOutcome::Fresh);
+            }
+            if self.held.load(Ordering::Acquire) >= self.capacity {
+                if swept_all {
+                    return Err(StoreError::Refused {
+                        reason: format!(
+                            "the memory nonce store is full ({} nonces within their TTL, [store] max_nonces); the Redis store holds more",
+                            self.capacity
+                        ),
+                    });
+                }
+                // Expired nonces in other tables may make room. Sweeping them takes their
+                // locks, so this table's is let go first and the lookup is done again after.
+                drop(shard);
+                self.sweep_all(now);
+                swept_all = true;
+                continue;
+            }
+            self.held.fetch_add(1, Ordering::AcqRel);
+            shard
+                .entries
+                .insert_unique(hash, Entry { key, expires }, |e| {
+                    self.hasher.hash_one(e.key)
+                });
+            return Ok(NonceOutcome::Fresh);
+        }
+    }
+}
+
+/// Milliseconds, rounded up so that a TTL is never cut short, and saturating.
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 /// A fixed-size key for the pair; the length prefix keeps ("ab", "c") apart from ("a", "bc").
@@ -125,39 +261,7 @@ impl NonceStore for MemoryNonceStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
-        let key = entry_key(key_id, nonce);
-        if self.held.load(Ordering::Acquire) >= self.capacity {
-            // Full or nearly: a recorded nonce is still a replay, whatever the room.
-            if self.nonces.contains_key(&key) {
-                return Ok(NonceOutcome::Replayed);
-            }
-            // Expired entries are removed (and counted down) by moka's pending tasks.
-            self.nonces.run_pending_tasks().await;
-            if self.held.load(Ordering::Acquire) >= self.capacity {
-                return Err(StoreError::Refused {
-                    reason: format!(
-                        "the memory nonce store is full ({} nonces within their TTL, [store] max_nonces); the Redis store holds more",
-                        self.capacity
-                    ),
-                });
-            }
-        }
-        // Counted before the insert, so that the listener's count-down of this entry can
-        // never come first.
-        self.held.fetch_add(1, Ordering::AcqRel);
-        // moka runs one initialiser per key at a time: of concurrent callers for the same key,
-        // exactly one sees a fresh entry.
-        let entry = self
-            .nonces
-            .entry(key)
-            .or_insert_with(async move { ttl })
-            .await;
-        Ok(if entry.is_fresh() {
-            NonceOutcome::Fresh
-        } else {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            NonceOutcome::Replayed
-        })
+        self.inner.record_once(entry_key(key_id, nonce), ttl)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -203,8 +307,8 @@ mod tests {
                 "nonce {i}"
             );
         }
-        // Once the recorded nonces expire there is room again (moka removes expired entries
-        // on a timer wheel with ticks of about a second).
+        // Once the recorded nonces expire there is room again: a full store sweeps every
+        // table (at most once a second, and the refusals above took this second's sweep).
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let outcome = loop {
             let outcome = store.record_once("k", "nonce-0010-abcdefgh", ttl).await;
@@ -214,5 +318,106 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(outcome, Ok(NonceOutcome::Fresh));
+        // The sweep counted the expired nonces out: only the new one is held.
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn threads_racing_on_the_same_nonces_get_exactly_one_fresh_each() {
+        let store = MemoryNonceStore::with_capacity(100_000);
+        let ttl = Duration::from_secs(60);
+        let fresh: u64 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = &store;
+                    s.spawn(move || {
+                        let mut fresh = 0;
+                        // Each thread walks the same nonces from a different place.
+                        for i in 0..5_000u64 {
+                            let nonce = format!("nonce-{:08}", (i + t * 625) % 5_000);
+                            match store.inner.record_once(entry_key("k", &nonce), ttl) {
+                                Ok(NonceOutcome::Fresh) => fresh += 1,
+                                Ok(NonceOutcome::Replayed) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        fresh
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(fresh, 5_000);
+        assert_eq!(store.len(), 5_000);
+    }
+
+    #[test]
+    fn nonces_spread_over_every_table() {
+        let store = MemoryNonceStore::with_capacity(1_000_000);
+        for i in 0..100_000 {
+            let key = entry_key("k", &format!("nonce-{i:08}"));
+            assert_eq!(
+                store.inner.record_once(key, Duration::from_secs(60)),
+                Ok(NonceOutcome::Fresh)
+            );
+        }
+        let sizes: Vec<usize> = (0..SHARDS)
+            .map(|i| store.inner.lock(i).entries.len())
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 100_000);
+        // 390 a table on average; a table twice that would mean the hash picks tables unevenly.
+        let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        assert!(*min > 250 && *max < 550, "table sizes from {min} to {max}");
+    }
+
+    #[test]
+    fn an_expired_nonce_is_fresh_again_and_swept_out_of_the_count() {
+        let store = MemoryNonceStore::with_capacity(1_000);
+        let short = Duration::from_millis(20);
+        let key = entry_key("k", "nonce-0001-abcdefgh");
+        assert_eq!(store.inner.record_once(key, short), Ok(NonceOutcome::Fresh));
+        assert_eq!(
+            store.inner.record_once(key, short),
+            Ok(NonceOutcome::Replayed)
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        // Found in its slot with its TTL passed: recorded again in place, not a second entry.
+        assert_eq!(store.inner.record_once(key, short), Ok(NonceOutcome::Fresh));
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.inner.record_once(key, short),
+            Ok(NonceOutcome::Replayed)
+        );
+
+        // Nonces in one table, all expired: once its sweep is due, the next request that
+        // touches the table removes them and counts them out.
+        let index = |k: [u8; 16]| (store.inner.hasher.hash_one(k) >> 32) as usize % SHARDS;
+        let target = index(key);
+        let same_table: Vec<[u8; 16]> = (0..)
+            .map(|i| entry_key("k", &format!("other-{i:08}")))
+            .filter(|k| index(*k) == target)
+            .take(20)
+            .collect();
+        for k in &same_table[..10] {
+            assert_eq!(store.inner.record_once(*k, short), Ok(NonceOutcome::Fresh));
+        }
+        assert_eq!(store.len(), 11);
+        std::thread::sleep(SWEEP_EVERY + Duration::from_millis(50));
+        assert_eq!(
+            store
+                .inner
+                .record_once(same_table[10], Duration::from_secs(60)),
+            Ok(NonceOutcome::Fresh)
+        );
+        assert_eq!(store.len(), 1, "the sweep left expired nonces counted");
+        assert_eq!(store.inner.lock(target).entries.len(), 1);
+    }
+
+    #[test]
+    fn ttls_round_up_to_the_millisecond() {
+        assert_eq!(millis(Duration::from_micros(1)), 1);
+        assert_eq!(millis(Duration::from_millis(600_000)), 600_000);
+        assert_eq!(millis(Duration::from_nanos(1_000_001)), 2);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
     }
 }

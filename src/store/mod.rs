@@ -8,7 +8,7 @@
 //! (the store never decides that itself: it reports, the caller chooses). `/readyz` calls
 //! [`NonceStore::ping`].
 //!
-//! Two backends sit behind the one trait: [`memory`] (moka, one replica, the default) and
+//! Two backends sit behind the one trait: [`memory`] (a sharded hash set in this process, one replica, the default) and
 //! [`redis`] (fred; many replicas sharing one Redis, Sentinel or Cluster). Both pass the same
 //! conformance suite in `tests/store.rs`. [`connect`] picks one from the `[store]` table;
 //! [`connect_all`] builds all three stores, on one shared Redis connection for Redis.
