@@ -72,7 +72,8 @@ pub struct MemoryNonceStore {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    /// Nonces held in all tables, expired ones included until a sweep removes them.
+    /// Nonces held in all tables, expired ones included until a sweep removes them. Never
+    /// above `capacity`: a place is taken here before its nonce goes into a table.
     held: AtomicU64,
     /// New nonces are refused once this many are held.
     capacity: u64,
@@ -208,7 +209,15 @@ impl Inner {
                 entry.expires = expires;
                 return Ok(NonceOutcome::Fresh);
             }
-            if self.held.load(Ordering::Acquire) >= self.capacity {
+            // Takes a place below the bound, or finds none: with several worker threads, a
+            // load followed by an add could let each of them past a store with one place left.
+            let reserved = self
+                .held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                    (held < self.capacity).then_some(held + 1)
+                })
+                .is_ok();
+            if !reserved {
                 if swept_all {
                     return Err(StoreError::Refused {
                         reason: format!(
@@ -224,7 +233,6 @@ impl Inner {
                 swept_all = true;
                 continue;
             }
-            self.held.fetch_add(1, Ordering::AcqRel);
             shard
                 .entries
                 .insert_unique(hash, Entry { key, expires }, |e| {
@@ -349,6 +357,37 @@ mod tests {
         });
         assert_eq!(fresh, 5_000);
         assert_eq!(store.len(), 5_000);
+    }
+
+    #[test]
+    fn threads_filling_the_store_together_never_pass_its_bound() {
+        let store = MemoryNonceStore::with_capacity(1_000);
+        let ttl = Duration::from_secs(60);
+        let (fresh, refused) = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = &store;
+                    s.spawn(move || {
+                        let (mut fresh, mut refused) = (0u64, 0u64);
+                        for i in 0..500 {
+                            let key = entry_key("k", &format!("nonce-{t}-{i:06}"));
+                            match store.inner.record_once(key, ttl) {
+                                Ok(NonceOutcome::Fresh) => fresh += 1,
+                                Err(StoreError::Refused { .. }) => refused += 1,
+                                other => panic!("a distinct nonce gave {other:?}"),
+                            }
+                        }
+                        (fresh, refused)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .fold((0, 0), |(f, r), (f1, r1)| (f + f1, r + r1))
+        });
+        assert_eq!((fresh, refused), (1_000, 3_000));
+        assert_eq!(store.len(), 1_000);
     }
 
     #[test]
