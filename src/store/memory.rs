@@ -97,15 +97,6 @@ struct Entry {
     expires: u64,
 }
 
-impl Shard {
-    /// Removes the nonces whose TTL has passed; returns how many.
-    fn sweep(&mut self, now: u64) -> u64 {
-        let before = self.entries.len();
-        self.entries.retain(|e| e.expires > now);
-        (before - self.entries.len()) as u64
-    }
-}
-
 impl MemoryNonceStore {
     /// A store bounded at [`DEFAULT_CAPACITY`] nonces.
     pub fn new() -> Self {
@@ -156,13 +147,21 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sweeps `shard` if its time has come, keeping `held` in step.
-    fn sweep_if_due(&self, shard: &mut Shard, now: u64) {
-        if now >= shard.next_sweep {
-            let removed = shard.sweep(now);
-            self.held.fetch_sub(removed, Ordering::AcqRel);
-            shard.next_sweep = now + millis(SWEEP_EVERY);
-        }
+    /// The table a key's hash belongs to. Bits 32..40 pick it; hashbrown takes a slot from the
+    /// low bits and a tag from the top seven, so every table still sees evenly spread slots and
+    /// tags.
+    fn shard_of(&self, hash: u64) -> usize {
+        (hash >> 32) as usize % self.shards.len()
+    }
+
+    /// Removes the nonces of `shard` whose TTL has passed, counts them out of `held`, and sets
+    /// the table's next sweep.
+    fn sweep(&self, shard: &mut Shard, now: u64) {
+        let before = shard.entries.len();
+        shard.entries.retain(|e| e.expires > now);
+        let removed = (before - shard.entries.len()) as u64;
+        self.held.fetch_sub(removed, Ordering::AcqRel);
+        shard.next_sweep = now + millis(SWEEP_EVERY);
     }
 
     /// Sweeps every table, at most once per [`FULL_SWEEP_EVERY`]; called with no lock held.
@@ -182,25 +181,22 @@ impl Inner {
             return;
         }
         for i in 0..self.shards.len() {
-            let mut shard = self.lock(i);
-            let removed = shard.sweep(now);
-            self.held.fetch_sub(removed, Ordering::AcqRel);
-            shard.next_sweep = now + millis(SWEEP_EVERY);
+            self.sweep(&mut self.lock(i), now);
         }
     }
 
     /// What `record_once` does, without the async wrapper.
     fn record_once(&self, key: [u8; 16], ttl: Duration) -> Result<NonceOutcome, StoreError> {
         let hash = self.hasher.hash_one(key);
-        // Bits 32..40 pick the table; hashbrown takes a slot from the low bits and a tag from
-        // the top seven, so every table still sees evenly spread slots and tags.
-        let index = (hash >> 32) as usize % self.shards.len();
+        let index = self.shard_of(hash);
         let mut swept_all = false;
         loop {
             let now = self.now();
             let expires = now.saturating_add(millis(ttl)).max(now + 1);
             let mut shard = self.lock(index);
-            self.sweep_if_due(&mut shard, now);
+            if now >= shard.next_sweep {
+                self.sweep(&mut shard, now);
+            }
             if let Some(entry) = shard.entries.find_mut(hash, |e| e.key == key) {
                 if entry.expires > now {
                     return Ok(NonceOutcome::Replayed);
@@ -430,7 +426,7 @@ mod tests {
 
         // Nonces in one table, all expired: once its sweep is due, the next request that
         // touches the table removes them and counts them out.
-        let index = |k: [u8; 16]| (store.inner.hasher.hash_one(k) >> 32) as usize % SHARDS;
+        let index = |k: [u8; 16]| store.inner.shard_of(store.inner.hasher.hash_one(k));
         let target = index(key);
         let same_table: Vec<[u8; 16]> = (0..)
             .map(|i| entry_key("k", &format!("other-{i:08}")))
