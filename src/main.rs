@@ -127,8 +127,6 @@ struct SignArgs {
 }
 
 fn main() -> ExitCode {
-    // First, so that as little of the heap as possible is faulted in as huge pages.
-    let thp = portcullis::server::disable_transparent_huge_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -164,9 +162,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Proxy { config } => {
-            if let Err(e) = thp {
-                tracing::warn!(error = %e, "cannot turn transparent huge pages off for this process");
-            }
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(errors) => {

@@ -308,23 +308,3 @@ fn busy_poll_needs_one_thread() {
         "{stdout}"
     );
 }
-
-/// The proxy turns transparent huge pages off for its own process: a 2 MiB fault after idle
-/// stalled requests for milliseconds (`server::disable_transparent_huge_pages`).
-#[cfg(target_os = "linux")]
-#[tokio::test]
-async fn the_proxy_process_runs_without_transparent_huge_pages() {
-    let upstream = Upstream::start().await;
-    let text = config_text(
-        upstream.addr,
-        "[[routes]]\nname = \"public\"\npath_prefix = \"/\"\nrequire = []\n",
-    );
-    let proxy = ProxyProcess::spawn(&text, &[]);
-    assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let thp = status
-        .lines()
-        .find(|line| line.starts_with("THP_enabled:"))
-        .expect("/proc/PID/status has a THP_enabled line (Linux 5.0 and later)");
-    assert_eq!(thp.split_whitespace().nth(1), Some("0"), "{thp}");
-}

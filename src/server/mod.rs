@@ -239,20 +239,6 @@ async fn busy_poll() {
     }
 }
 
-/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`), as Redis
-/// does with its `disable-thp` setting. mimalloc asks the kernel for huge pages on its arenas;
-/// when memory it has given back is needed again, the kernel faults in (and zeroes) a whole
-/// 2 MiB page at once. On the benchmark machine such a fault took 5-6 ms, and after a minute of
-/// idle the proxy's first requests waited on them for up to 22 ms (`bench/README.md`, tenth
-/// pass). 4 KiB pages fault in about 1.5 µs each, spread over the requests that need them; a
-/// proxy's few tens of MiB gain nothing measurable from huge pages. The `portcullis` command
-/// calls it first thing.
-pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    nix::sys::prctl::set_thp_disable(true)?;
-    Ok(())
-}
-
 /// Aborts the task when dropped (the certificate reloader ends with the server).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
