@@ -5,12 +5,13 @@
 //! There is one upstream, so the pool is a stack of idle connections (the most recently used
 //! first, so that surplus connections age out) rather than a map keyed by host. A connection
 //! goes back on the stack when the response body it carried has been read to the end; a body
-//! dropped half-read takes its connection with it (hyper then closes it).
+//! dropped half-read takes its connection with it (hyper then closes it). A reaper task closes
+//! connections unused for [`IDLE_TIMEOUT`], a few each second.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -41,13 +42,15 @@ type Sender = http1::SendRequest<UpstreamBody>;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many idle connections are kept; more are closed when they fall idle.
 const MAX_IDLE: usize = 1024;
-/// At most this many connections idle past [`IDLE_TIMEOUT`] are closed each time a connection
-/// is put back. After a burst, dozens of connections fall idle together and expire together;
-/// while 63 of them were closed in one go, the proxy ran 4.9 ms and the upstream 4.0 ms
-/// (`bench/README.md`, tenth pass), time the requests behind them waited. A few per request
-/// spread that work over the next requests; under heavy load those come within milliseconds,
-/// so this does not spread it in time (the stall after idle measured there is not gone).
-const CLOSE_PER_PUT: usize = 2;
+/// How often the pool's reaper looks for connections idle past [`IDLE_TIMEOUT`].
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// At most this many expired connections are closed each time the reaper looks. After a burst,
+/// dozens of connections fall idle together and expire together. Closing them when traffic
+/// comes back, all at once (63: the proxy ran 4.9 ms and the upstream 4.0 ms) or a few per
+/// request (the same work within 6 ms at 5,000/s), stalled the first requests after a minute of
+/// idle (`bench/README.md`, tenth and eleventh passes). The reaper closes them while the proxy
+/// is idle, a few a second, so that under load too they go out spread over time.
+const CLOSE_PER_REAP: usize = 8;
 
 /// The upstream service: where to connect, and the idle connections to it.
 #[derive(Debug)]
@@ -57,6 +60,9 @@ pub(crate) struct Upstream {
     address: Uri,
     builder: http1::Builder,
     pool: Arc<Pool>,
+    /// Whether the pool's reaper task runs (started with the first connection, inside the
+    /// runtime).
+    reaper: AtomicBool,
     request_timeout: Duration,
 }
 
@@ -92,6 +98,7 @@ impl Upstream {
             address,
             builder: http1::Builder::new(),
             pool: Arc::new(Pool::new(IDLE_TIMEOUT)),
+            reaper: AtomicBool::new(false),
             request_timeout: config.request_timeout,
         })
     }
@@ -156,6 +163,9 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<Sender, UpstreamError> {
+        if !self.reaper.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(&self.pool), REAP_EVERY));
+        }
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -269,36 +279,59 @@ impl Pool {
         found
     }
 
-    /// Puts a connection whose exchange is finished back on the stack, closing up to
-    /// [`CLOSE_PER_PUT`] of those idle for longer than the idle timeout, and the oldest when
-    /// there are [`MAX_IDLE`]. Connections are closed after the lock is let go.
+    /// Puts a connection whose exchange is finished back on the stack, closing the oldest
+    /// when there are [`MAX_IDLE`] (after the lock is let go).
     fn put(&self, sender: Sender) {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
-        let mut closing: [Option<Idle>; CLOSE_PER_PUT + 1] = [const { None }; CLOSE_PER_PUT + 1];
+        let surplus = {
+            let mut idle = self.lock();
+            let surplus = if idle.len() >= MAX_IDLE {
+                idle.pop_front()
+            } else {
+                None
+            };
+            idle.push_back(Idle {
+                sender,
+                since: Instant::now(),
+            });
+            surplus
+        };
+        drop(surplus);
+    }
+
+    /// Closes up to `max` of the connections idle for longer than the idle timeout at `now`,
+    /// the oldest first, after the lock is let go. Returns how many it closed.
+    fn close_expired(&self, now: Instant, max: usize) -> usize {
+        let expired = |entry: &Idle| now.saturating_duration_since(entry.since) > self.idle_timeout;
+        let mut closing = Vec::new();
         {
             let mut idle = self.lock();
-            for slot in &mut closing[..CLOSE_PER_PUT] {
-                let expired = |oldest: &Idle| now.duration_since(oldest.since) > self.idle_timeout;
-                if idle.front().is_some_and(expired) {
-                    *slot = idle.pop_front();
-                } else {
-                    break;
-                }
+            while closing.len() < max && idle.front().is_some_and(expired) {
+                closing.extend(idle.pop_front());
             }
-            if idle.len() >= MAX_IDLE {
-                closing[CLOSE_PER_PUT] = idle.pop_front();
-            }
-            idle.push_back(Idle { sender, since: now });
         }
-        drop(closing);
+        closing.len()
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// Every `every`, closes up to [`CLOSE_PER_REAP`] expired connections of the pool; ends once the
+/// pool is gone.
+async fn reap(pool: Weak<Pool>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.close_expired(Instant::now(), CLOSE_PER_REAP);
     }
 }
 
@@ -467,32 +500,79 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn expired_connections_are_closed_a_few_per_put() {
+    async fn expired_connections_are_closed_oldest_first_a_few_at_a_time() {
         let (addr, closed) = upstream().await;
         let pool = Pool::new(Duration::from_millis(200));
         for _ in 0..10 {
             pool.put(connection(addr).await);
         }
-        assert_eq!(pool.len(), 10);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fresh = connection(addr).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(pool.close_expired(Instant::now(), 4), 4);
+        assert_eq!(pool.len(), 6);
+        closed_reaches(&closed, 4).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 4);
 
-        // The first put after the ten expired closes two of them, not all ten.
-        pool.put(connection(addr).await);
-        assert_eq!(pool.len(), 9);
-        closed_reaches(&closed, 2).await;
-        assert_eq!(closed.load(Ordering::SeqCst), 2);
-
-        // Each later put closes two more, until only the fresh connection is left.
-        for remaining in [7, 5, 3, 1] {
-            let sender = pool.checkout().expect("the fresh connection is ready");
-            pool.put(sender);
-            assert_eq!(pool.len(), remaining);
-        }
-        let sender = pool.checkout().expect("the fresh connection is ready");
-        pool.put(sender);
+        // A connection put back now is not expired: only the six old ones go.
+        pool.put(fresh);
+        assert_eq!(pool.close_expired(Instant::now(), 4), 4);
+        assert_eq!(pool.close_expired(Instant::now(), 4), 2);
+        assert_eq!(pool.close_expired(Instant::now(), 4), 0);
         assert_eq!(pool.len(), 1);
         closed_reaches(&closed, 10).await;
         assert_eq!(closed.load(Ordering::SeqCst), 10);
+        assert!(pool.checkout().is_some(), "the fresh connection stays");
+    }
+
+    #[tokio::test]
+    async fn the_reaper_closes_expired_connections_while_idle_and_ends_with_the_pool() {
+        let (addr, closed) = upstream().await;
+        let pool = Arc::new(Pool::new(Duration::from_millis(100)));
+        let reaper = tokio::spawn(reap(Arc::downgrade(&pool), Duration::from_millis(20)));
+        for _ in 0..(CLOSE_PER_REAP + 3) {
+            pool.put(connection(addr).await);
+        }
+        // Nothing is put back or taken out: only the reaper can close them.
+        closed_reaches(&closed, CLOSE_PER_REAP + 3).await;
+        assert_eq!(closed.load(Ordering::SeqCst), CLOSE_PER_REAP + 3);
+        assert_eq!(pool.len(), 0);
+
+        drop(pool);
+        tokio::time::timeout(Duration::from_secs(2), reaper)
+            .await
+            .expect("the reaper ends once the pool is gone")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_upstream_starts_the_reaper_with_its_first_connection() {
+        use http_body_util::BodyExt;
+
+        let (addr, closed) = upstream().await;
+        let config = UpstreamConfig {
+            url: format!("http://{addr}").parse().unwrap(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            ca: None,
+            pins: Vec::new(),
+        };
+        let mut upstream = Upstream::new(&config).unwrap();
+        upstream.pool = Arc::new(Pool::new(Duration::from_millis(50)));
+        let request = Request::get("/")
+            .body(Either::Right(http_body_util::Full::new(Bytes::new())))
+            .unwrap();
+        let response = upstream.send(request, None, 1024).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(
+            upstream.pool.len(),
+            1,
+            "read to the end, the connection is back"
+        );
+
+        // No request follows: only the reaper, within about REAP_EVERY, can close it.
+        closed_reaches(&closed, 1).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream.pool.len(), 0);
     }
 
     #[tokio::test]
@@ -504,6 +584,8 @@ mod tests {
         }
         let sender = pool.checkout().expect("a ready connection");
         pool.put(sender);
+        assert_eq!(pool.len(), 5);
+        assert_eq!(pool.close_expired(Instant::now(), CLOSE_PER_REAP), 0);
         assert_eq!(pool.len(), 5);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(closed.load(Ordering::SeqCst), 0);
