@@ -97,7 +97,7 @@ impl Upstream {
             connector,
             address,
             builder: http1::Builder::new(),
-            pool: Arc::new(Pool::new(IDLE_TIMEOUT)),
+            pool: Arc::new(Pool::new(IDLE_TIMEOUT, MAX_IDLE)),
             reaper: AtomicBool::new(false),
             request_timeout: config.request_timeout,
         })
@@ -229,6 +229,8 @@ struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     /// [`IDLE_TIMEOUT`]; shorter in tests.
     idle_timeout: Duration,
+    /// [`MAX_IDLE`]; smaller in tests.
+    max_idle: usize,
 }
 
 #[derive(Debug)]
@@ -238,10 +240,11 @@ struct Idle {
 }
 
 impl Pool {
-    fn new(idle_timeout: Duration) -> Self {
+    fn new(idle_timeout: Duration, max_idle: usize) -> Self {
         Self {
             idle: Mutex::default(),
             idle_timeout,
+            max_idle,
         }
     }
 
@@ -287,7 +290,7 @@ impl Pool {
         }
         let surplus = {
             let mut idle = self.lock();
-            let surplus = if idle.len() >= MAX_IDLE {
+            let surplus = if idle.len() >= self.max_idle {
                 idle.pop_front()
             } else {
                 None
@@ -502,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn expired_connections_are_closed_oldest_first_a_few_at_a_time() {
         let (addr, closed) = upstream().await;
-        let pool = Pool::new(Duration::from_millis(200));
+        let pool = Pool::new(Duration::from_millis(200), MAX_IDLE);
         for _ in 0..10 {
             pool.put(connection(addr).await);
         }
@@ -527,7 +530,7 @@ mod tests {
     #[tokio::test]
     async fn the_reaper_closes_expired_connections_while_idle_and_ends_with_the_pool() {
         let (addr, closed) = upstream().await;
-        let pool = Arc::new(Pool::new(Duration::from_millis(100)));
+        let pool = Arc::new(Pool::new(Duration::from_millis(100), MAX_IDLE));
         let reaper = tokio::spawn(reap(Arc::downgrade(&pool), Duration::from_millis(20)));
         for _ in 0..(CLOSE_PER_REAP + 3) {
             pool.put(connection(addr).await);
@@ -557,7 +560,7 @@ mod tests {
             pins: Vec::new(),
         };
         let mut upstream = Upstream::new(&config).unwrap();
-        upstream.pool = Arc::new(Pool::new(Duration::from_millis(50)));
+        upstream.pool = Arc::new(Pool::new(Duration::from_millis(50), MAX_IDLE));
         let request = Request::get("/")
             .body(Either::Right(http_body_util::Full::new(Bytes::new())))
             .unwrap();
@@ -576,9 +579,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_pool_closes_a_connection_instead_of_growing() {
+        let (addr, closed) = upstream().await;
+        let pool = Pool::new(Duration::from_secs(60), 3);
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            senders.push(connection(addr).await);
+        }
+        for sender in senders {
+            pool.put(sender);
+        }
+        assert_eq!(pool.len(), 3);
+        closed_reaches(&closed, 1).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn connections_within_the_idle_timeout_stay() {
         let (addr, closed) = upstream().await;
-        let pool = Pool::new(Duration::from_secs(60));
+        let pool = Pool::new(Duration::from_secs(60), MAX_IDLE);
         for _ in 0..5 {
             pool.put(connection(addr).await);
         }
