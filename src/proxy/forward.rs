@@ -528,20 +528,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_reaper_closes_expired_connections_while_idle_and_ends_with_the_pool() {
+    async fn the_reaper_closes_expired_connections_a_few_per_tick_and_ends_with_the_pool() {
         let (addr, closed) = upstream().await;
         let pool = Arc::new(Pool::new(Duration::from_millis(100), MAX_IDLE));
-        let reaper = tokio::spawn(reap(Arc::downgrade(&pool), Duration::from_millis(20)));
         for _ in 0..(CLOSE_PER_REAP + 3) {
             pool.put(connection(addr).await);
         }
-        // Nothing is put back or taken out: only the reaper can close them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Nothing is put back or taken out: only the reaper can close them. Its first tick
+        // comes at once and closes CLOSE_PER_REAP; the rest wait for the next, a second later.
+        let reaper = tokio::spawn(reap(Arc::downgrade(&pool), Duration::from_secs(1)));
+        closed_reaches(&closed, CLOSE_PER_REAP).await;
+        assert_eq!(pool.len(), 3, "one tick closes at most CLOSE_PER_REAP");
         closed_reaches(&closed, CLOSE_PER_REAP + 3).await;
         assert_eq!(closed.load(Ordering::SeqCst), CLOSE_PER_REAP + 3);
         assert_eq!(pool.len(), 0);
 
         drop(pool);
-        tokio::time::timeout(Duration::from_secs(2), reaper)
+        tokio::time::timeout(Duration::from_secs(3), reaper)
             .await
             .expect("the reaper ends once the pool is gone")
             .unwrap();
