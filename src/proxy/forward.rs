@@ -493,6 +493,13 @@ mod tests {
         sender
     }
 
+    /// Puts `n` new connections to `addr` in the pool, one after the other.
+    async fn fill(pool: &Pool, addr: std::net::SocketAddr, n: usize) {
+        for _ in 0..n {
+            pool.put(connection(addr).await);
+        }
+    }
+
     async fn closed_reaches(closed: &AtomicUsize, want: usize) {
         for _ in 0..200 {
             if closed.load(Ordering::SeqCst) >= want {
@@ -506,9 +513,7 @@ mod tests {
     async fn expired_connections_are_closed_oldest_first_a_few_at_a_time() {
         let (addr, closed) = upstream().await;
         let pool = Pool::new(Duration::from_millis(200), MAX_IDLE);
-        for _ in 0..10 {
-            pool.put(connection(addr).await);
-        }
+        fill(&pool, addr, 10).await;
         let fresh = connection(addr).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(pool.close_expired(Instant::now(), 4), 4);
@@ -531,9 +536,7 @@ mod tests {
     async fn the_reaper_closes_expired_connections_a_few_per_tick_and_ends_with_the_pool() {
         let (addr, closed) = upstream().await;
         let pool = Arc::new(Pool::new(Duration::from_millis(100), MAX_IDLE));
-        for _ in 0..(CLOSE_PER_REAP + 3) {
-            pool.put(connection(addr).await);
-        }
+        fill(&pool, addr, CLOSE_PER_REAP + 3).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         // Nothing is put back or taken out: only the reaper can close them. Its first tick
         // comes at once and closes CLOSE_PER_REAP; the rest wait for the next, a second later.
@@ -586,13 +589,7 @@ mod tests {
     async fn a_full_pool_closes_a_connection_instead_of_growing() {
         let (addr, closed) = upstream().await;
         let pool = Pool::new(Duration::from_secs(60), 3);
-        let mut senders = Vec::new();
-        for _ in 0..4 {
-            senders.push(connection(addr).await);
-        }
-        for sender in senders {
-            pool.put(sender);
-        }
+        fill(&pool, addr, 4).await;
         assert_eq!(pool.len(), 3);
         closed_reaches(&closed, 1).await;
         assert_eq!(closed.load(Ordering::SeqCst), 1);
@@ -602,9 +599,7 @@ mod tests {
     async fn connections_within_the_idle_timeout_stay() {
         let (addr, closed) = upstream().await;
         let pool = Pool::new(Duration::from_secs(60), MAX_IDLE);
-        for _ in 0..5 {
-            pool.put(connection(addr).await);
-        }
+        fill(&pool, addr, 5).await;
         let sender = pool.checkout().expect("a ready connection");
         pool.put(sender);
         assert_eq!(pool.len(), 5);
