@@ -79,14 +79,21 @@ fn is_spoofable(name: &HeaderName) -> bool {
 }
 
 fn remove_connection_named(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(CONNECTION).iter();
+    if let (Some(only), None) = (values.next(), values.next()) {
+        // `Connection: keep-alive`, which nearly every HTTP/1.1 upstream sends, names only a
+        // header removed anyway: nothing to split or parse.
+        if only.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+            return;
+        }
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        // `Connection: keep-alive`, which nearly every HTTP/1.1 upstream sends, names a header
-        // removed anyway: compared as text, it costs no parsing and no allocation.
+        // Compared as text, these cost no parsing and no allocation.
         .filter(|name| !is_kept_or_removed_anyway(name))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
@@ -173,6 +180,25 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h.get(HOST).unwrap(), "example");
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn a_single_connection_value_is_honoured() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get("x-kept").unwrap(), "1");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `server.drain_timeout`). [`Server::bind`] then [`Server::serve`] is what tests use; [`run`]
 //! does both.
 
+mod drain;
 pub(crate) mod io;
 pub mod tls;
 
@@ -15,7 +16,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
@@ -26,6 +26,7 @@ use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::store::{self, StoreError};
+use drain::Drain;
 use io::Coalesced;
 use tls::{TlsError, TlsState};
 
@@ -138,7 +139,7 @@ impl Server {
         let _busy_poller = self
             .busy_poll
             .then(|| AbortOnDrop(tokio::spawn(busy_poll())));
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
         tokio::pin!(shutdown);
         tracing::info!(
             listen = %self.local_addr(),
@@ -161,7 +162,7 @@ impl Server {
                     let _ = stream.set_nodelay(true);
                     let proxy = self.proxy.clone();
                     let builder = builder.clone();
-                    let watcher = graceful.watcher();
+                    let watcher = drain.watcher();
                     let acceptor = self.tls.as_ref().map(|t| t.acceptor());
                     let handshake_timeout = self.header_read_timeout;
                     tokio::spawn(async move {
@@ -206,7 +207,7 @@ impl Server {
                         .timer(TokioTimer::new())
                         .header_read_timeout(self.header_read_timeout)
                         .serve_connection(TokioIo::new(stream), service);
-                    let conn = graceful.watch(conn);
+                    let conn = drain.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
                     });
@@ -219,7 +220,7 @@ impl Server {
             drain_timeout = ?self.drain_timeout,
             "shutting down: no new connections, draining in-flight requests"
         );
-        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+        if tokio::time::timeout(self.drain_timeout, drain.shutdown())
             .await
             .is_err()
         {
@@ -251,7 +252,7 @@ impl Drop for AbortOnDrop {
 /// Serves one connection (plain or TLS) until it ends or the drain closes it.
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: drain::Watcher,
     io: I,
     proxy: Arc<Proxy>,
     conn_info: ConnectionInfo,
