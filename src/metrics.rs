@@ -1,7 +1,7 @@
 //! Prometheus metrics, served by the admin listener at `/metrics`. One registry per running
 //! proxy (so tests that start several proxies in one process do not share counters).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -37,6 +37,18 @@ struct OperationLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuerLabels {
     issuer: String,
+}
+
+/// The statuses whose counters [`RouteCounters`] keeps (others are counted through the family).
+const FIRST_STATUS: u16 = 100;
+const LAST_STATUS: u16 = 599;
+
+/// One route's request counters for forwarded requests, by status, each taken from the family
+/// the first time it is needed (the slots, 8 KiB, with the route's first forwarded request).
+#[derive(Debug)]
+pub struct RouteCounters {
+    route: Arc<String>,
+    by_status: OnceLock<Box<[OnceLock<Counter>]>>,
 }
 
 /// The proxy's metrics.
@@ -146,6 +158,45 @@ impl Metrics {
         self.duration.observe(elapsed.as_secs_f64());
     }
 
+    /// A cache of `route`'s counters for forwarded requests (code `ok`), for
+    /// [`Metrics::forwarded`].
+    pub fn route_counters(&self, route: &Arc<String>) -> RouteCounters {
+        RouteCounters {
+            route: route.clone(),
+            by_status: OnceLock::new(),
+        }
+    }
+
+    /// Counts one request forwarded on `counters`' route and answered with `status`: the same
+    /// series as [`Metrics::request`] with code `ok`, but after the first request of a status
+    /// it costs an atomic add instead of hashing the labels to find the counter.
+    pub fn forwarded(&self, counters: &RouteCounters, status: u16, elapsed: Duration) {
+        let slots = counters.by_status.get_or_init(|| {
+            (FIRST_STATUS..=LAST_STATUS)
+                .map(|_| OnceLock::new())
+                .collect()
+        });
+        match status
+            .checked_sub(FIRST_STATUS)
+            .and_then(|i| slots.get(usize::from(i)))
+        {
+            Some(slot) => {
+                slot.get_or_init(|| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            route: Some(counters.route.clone()),
+                            code: "ok",
+                            status,
+                        })
+                        .clone()
+                })
+                .inc();
+                self.duration.observe(elapsed.as_secs_f64());
+            }
+            None => self.request(Some(&counters.route), "ok", status, elapsed),
+        }
+    }
+
     /// Counts one JWKS load attempt; `result` is `ok`, `error` (fetch failed) or `invalid`
     /// (fetched but unusable).
     pub fn jwks_refresh(&self, issuer: &str, result: &str) {
@@ -237,5 +288,59 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn forwarded_requests_are_counted_in_the_series_of_any_other_request() {
+        let metrics = Metrics::new();
+        let route = Arc::new("orders".to_string());
+        let counters = metrics.route_counters(&route);
+        let ms = Duration::from_millis(1);
+        metrics.request(Some(&route), "ok", 200, ms);
+        metrics.forwarded(&counters, 200, ms);
+        metrics.forwarded(&counters, 200, ms);
+        metrics.forwarded(&counters, 503, ms);
+        // Outside the statuses the cache keeps: counted through the family.
+        metrics.forwarded(&counters, 999, ms);
+        metrics.forwarded(&counters, 999, ms);
+        metrics.request(Some(&route), "token_expired", 401, ms);
+
+        let text = metrics.encode();
+        let series = |status: &str, code: &str| {
+            line(
+                &text,
+                &format!(
+                    "portcullis_requests_total{{route=\"orders\",code=\"{code}\",status=\"{status}\"}} "
+                ),
+            )
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(series("200", "ok").as_deref(), Some("3"), "{text}");
+        assert_eq!(series("503", "ok").as_deref(), Some("1"), "{text}");
+        assert_eq!(series("999", "ok").as_deref(), Some("2"), "{text}");
+        assert_eq!(
+            series("401", "token_expired").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("portcullis_requests_total{").count(),
+            4,
+            "one series per label set: {text}"
+        );
+        assert_eq!(
+            line(&text, "portcullis_request_duration_seconds_count"),
+            Some("portcullis_request_duration_seconds_count 7"),
+            "{text}"
+        );
     }
 }

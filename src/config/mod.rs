@@ -341,14 +341,14 @@ impl Config {
     /// The first route whose prefix and methods both match, or why none does.
     pub fn match_route(&self, path: &str, method: &Method) -> RouteMatch<'_> {
         let mut path_matched = false;
-        for route in &self.routes {
+        for (index, route) in self.routes.iter().enumerate() {
             if !path::prefix_matches(&route.path_prefix, path) {
                 continue;
             }
             path_matched = true;
             match &route.methods {
                 Some(methods) if !methods.contains(method) => {}
-                _ => return RouteMatch::Found(route),
+                _ => return RouteMatch::Found { index, route },
             }
         }
         if path_matched {
@@ -362,7 +362,11 @@ impl Config {
 /// The result of [`Config::match_route`].
 #[derive(Debug)]
 pub enum RouteMatch<'a> {
-    Found(&'a Route),
+    /// The first route that takes the request, and its place in [`Config::routes`].
+    Found {
+        index: usize,
+        route: &'a Route,
+    },
     MethodNotAllowed,
     NoRoute,
 }

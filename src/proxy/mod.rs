@@ -29,7 +29,7 @@ use crate::auth::mtls::{self, ClientCert};
 use crate::auth::signature::{SignatureVerifier, SignedRequest, VerifiedSignature};
 use crate::auth::{self, AuthError, Identity, JwtVerifier, VerifiedToken};
 use crate::config::{Config, OnStoreError, RateLimitKey, Route, RouteMatch};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteCounters};
 use crate::problem::Rejection;
 use crate::server::tls::TlsError;
 use crate::store::{
@@ -138,6 +138,8 @@ pub struct Proxy {
     /// `Host` for a request that came without one (HTTP/1.0): the upstream's own authority.
     upstream_host: HeaderValue,
     metrics: Arc<Metrics>,
+    /// Each route's counters of forwarded requests, in the order of `config.routes`.
+    forwarded: Vec<RouteCounters>,
 }
 
 impl Proxy {
@@ -155,6 +157,11 @@ impl Proxy {
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             // Config validation refuses an upstream URL without a host.
             .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+        let forwarded = config
+            .routes
+            .iter()
+            .map(|route| metrics.route_counters(&route.name))
+            .collect();
         Ok(Self {
             upstream: Upstream::new(&config.upstream)?,
             signatures: SignatureVerifier::new(&config.signature),
@@ -165,6 +172,7 @@ impl Proxy {
             jwt,
             upstream_host,
             metrics,
+            forwarded,
         })
     }
 
@@ -198,12 +206,15 @@ impl Proxy {
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id);
-        self.metrics.request(
-            outcome.route,
-            outcome.code,
-            response.status().as_u16(),
-            started.elapsed(),
-        );
+        let status = response.status().as_u16();
+        match outcome.route_index.and_then(|i| self.forwarded.get(i)) {
+            Some(counters) if outcome.code == "ok" => {
+                self.metrics.forwarded(counters, status, started.elapsed());
+            }
+            _ => self
+                .metrics
+                .request(outcome.route, outcome.code, status, started.elapsed()),
+        }
         response
     }
 
@@ -219,7 +230,10 @@ impl Proxy {
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {
-            RouteMatch::Found(route) => route,
+            RouteMatch::Found { index, route } => {
+                outcome.route_index = Some(index);
+                route
+            }
             RouteMatch::MethodNotAllowed => {
                 return Err(Rejection::MethodNotAllowed(parts.method.to_string()))
             }
@@ -699,6 +713,8 @@ async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Re
 #[derive(Debug)]
 struct Outcome<'a> {
     route: Option<&'a Arc<String>>,
+    /// The route's place in the configuration.
+    route_index: Option<usize>,
     code: &'static str,
     subject: Option<String>,
     client: Option<String>,
@@ -708,6 +724,7 @@ impl Default for Outcome<'_> {
     fn default() -> Self {
         Self {
             route: None,
+            route_index: None,
             code: "ok",
             subject: None,
             client: None,
