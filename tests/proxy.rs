@@ -145,8 +145,9 @@ async fn hop_by_hop_and_connection_named_headers_are_not_forwarded() {
     let response = raw(
         proxy.addr,
         "GET /public/x HTTP/1.1\n\
-         Connection: x-private, keep-alive\n\
+         Connection: x-private, keep-alive, x-request-id\n\
          X-Private: secret\n\
+         X-Request-Id: req-7\n\
          Keep-Alive: timeout=5\n\
          Proxy-Authorization: Basic Zm9vOmJhcg==\n\
          TE: trailers",
@@ -158,6 +159,8 @@ async fn hop_by_hop_and_connection_named_headers_are_not_forwarded() {
     for name in ["x-private", "keep-alive", "proxy-authorization", "te"] {
         assert_eq!(seen.header(name), None, "{name} was forwarded");
     }
+    // The request id is the proxy's to forward: `Connection` cannot take it away.
+    assert_eq!(seen.header("x-request-id"), Some("req-7"));
     proxy.stop().await;
 }
 

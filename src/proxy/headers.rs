@@ -3,7 +3,7 @@
 //! are added after the `Connection`-named headers are gone, so a client cannot use
 //! `Connection: x-auth-subject` to remove what the proxy adds.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the non-standard ones proxies still see),
 /// as header names built once: removing by `&str` would parse the name on every request.
@@ -102,24 +102,44 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     }
 }
 
-/// `Host` (never removed: end-to-end by definition) or a hop-by-hop header (removed by
+/// `Host` (never removed: end-to-end by definition), `x-request-id` (the proxy's own: set on
+/// the request before it is stripped, and always forwarded), or a hop-by-hop header (removed by
 /// [`strip`] in any case), in any case of letters.
 fn is_kept_or_removed_anyway(name: &str) -> bool {
     name.eq_ignore_ascii_case(HOST.as_str())
+        || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str())
         || HOP_BY_HOP
             .iter()
             .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
-/// A client-sent request id is kept when it is short visible ASCII; otherwise a new one (a
-/// UUID) is made. Returned as a header value, shared by the upstream request and the response.
-pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(&X_REQUEST_ID) {
-        let text = value.as_bytes();
-        if !text.is_empty() && text.len() <= 128 && text.iter().all(u8::is_ascii_graphic) {
-            return value.clone();
+/// The request's id: a client-sent `x-request-id` is kept when it is short visible ASCII;
+/// otherwise a new one (a UUID) is made. Either way the map is left holding exactly that one
+/// value, which goes upstream, and it is returned for the response and the log. One look-up
+/// in the map does both.
+pub(crate) fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(mut sent) => {
+            let text = sent.get().as_bytes();
+            let sane =
+                !text.is_empty() && text.len() <= 128 && text.iter().all(u8::is_ascii_graphic);
+            if sane && sent.iter().nth(1).is_none() {
+                return sent.get().clone();
+            }
+            let id = if sane {
+                sent.get().clone()
+            } else {
+                new_request_id()
+            };
+            // Replaces every value sent.
+            sent.insert(id.clone());
+            id
         }
+        Entry::Vacant(none) => none.insert(new_request_id()).clone(),
     }
+}
+
+fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(id)
@@ -221,12 +241,34 @@ mod tests {
     fn request_id_is_kept_only_when_sane() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
+        assert_eq!(request_id(&mut h), "abc-123");
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&h), "has space");
-        let made = request_id(&HeaderMap::new());
+        let replaced = request_id(&mut h);
+        assert_ne!(replaced, "has space");
+        assert_eq!(
+            h.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(),
+            [&replaced]
+        );
+
+        let mut none = HeaderMap::new();
+        let made = request_id(&mut none);
         assert_eq!(made.len(), 36);
         assert!(uuid::Uuid::parse_str(made.to_str().unwrap()).is_ok());
-        assert_ne!(made, request_id(&HeaderMap::new()));
+        assert_eq!(none.get(X_REQUEST_ID), Some(&made));
+        assert_ne!(made, request_id(&mut HeaderMap::new()));
+    }
+
+    #[test]
+    fn only_the_first_of_several_request_ids_is_kept() {
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_static("first"));
+        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        assert_eq!(request_id(&mut h), "first");
+        assert_eq!(
+            h.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(),
+            [&HeaderValue::from_static("first")]
+        );
     }
 }

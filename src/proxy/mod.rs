@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{Entry, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -179,11 +179,11 @@ impl Proxy {
     /// Handles one request end to end; never fails (a failure is a problem response).
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         conn: &ConnectionInfo,
     ) -> Response<Body> {
         let started = Instant::now();
-        let request_id = headers::request_id(request.headers());
+        let request_id = headers::request_id(request.headers_mut());
         let mut outcome = Outcome::default();
         let mut response = match self.process(request, conn, &request_id, &mut outcome).await {
             Ok(response) => response,
@@ -294,9 +294,10 @@ impl Proxy {
                 )
             }
         };
-        let original_host = match parts.headers.get(HOST) {
-            Some(host) => Some(host.clone()),
-            // HTTP/2 carries the host in :authority.
+        let sent_host = parts.headers.get(HOST).cloned();
+        // HTTP/2 carries the host in :authority, and no Host header.
+        let authority = match sent_host {
+            Some(_) => None,
             None => parts
                 .uri
                 .authority()
@@ -311,14 +312,18 @@ impl Proxy {
         // identity), made once: the map hyper parsed is sized for the client's headers, and
         // would otherwise grow, rehashing, as they go in.
         parts.headers.reserve(ADDED_HEADERS);
-        match original_host {
-            Some(host) => {
+        match (sent_host, authority) {
+            // `Host` goes upstream as it is.
+            (Some(host), _) => {
+                parts.headers.insert(headers::X_FORWARDED_HOST, host);
+            }
+            (None, Some(authority)) => {
                 parts
                     .headers
-                    .insert(headers::X_FORWARDED_HOST, host.clone());
-                parts.headers.entry(HOST).or_insert(host);
+                    .insert(headers::X_FORWARDED_HOST, authority.clone());
+                parts.headers.insert(HOST, authority);
             }
-            None => {
+            (None, None) => {
                 parts.headers.insert(HOST, self.upstream_host.clone());
             }
         }
@@ -331,21 +336,19 @@ impl Proxy {
                 &cert.xfcc,
             );
         }
-        parts
-            .headers
-            .insert(headers::X_REQUEST_ID, request_id.clone());
-        let forwarded_for = match parts
-            .headers
-            .get(&headers::X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", conn.peer.ip()))
-                .unwrap_or_else(|_| conn.peer_ip.clone()),
-            None => conn.peer_ip.clone(),
-        };
-        parts
-            .headers
-            .insert(headers::X_FORWARDED_FOR, forwarded_for);
+        match parts.headers.entry(headers::X_FORWARDED_FOR) {
+            Entry::Occupied(mut earlier) => {
+                let forwarded_for = match earlier.get().to_str() {
+                    Ok(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", conn.peer.ip()))
+                        .unwrap_or_else(|_| conn.peer_ip.clone()),
+                    Err(_) => conn.peer_ip.clone(),
+                };
+                earlier.insert(forwarded_for);
+            }
+            Entry::Vacant(none) => {
+                none.insert(conn.peer_ip.clone());
+            }
+        }
         parts.headers.insert(
             headers::X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
