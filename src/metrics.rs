@@ -45,8 +45,9 @@ const LAST_STATUS: u16 = 599;
 
 /// One route's request counters for forwarded requests, by status, each taken from the family
 /// the first time it is needed (the slots, 8 KiB, with the route's first forwarded request).
+/// Made by [`Metrics::route_counters`], and only to be used with the same `Metrics`.
 #[derive(Debug)]
-pub struct RouteCounters {
+pub(crate) struct RouteCounters {
     route: Arc<String>,
     by_status: OnceLock<Box<[OnceLock<Counter>]>>,
 }
@@ -160,7 +161,7 @@ impl Metrics {
 
     /// A cache of `route`'s counters for forwarded requests (code `ok`), for
     /// [`Metrics::forwarded`].
-    pub fn route_counters(&self, route: &Arc<String>) -> RouteCounters {
+    pub(crate) fn route_counters(&self, route: &Arc<String>) -> RouteCounters {
         RouteCounters {
             route: route.clone(),
             by_status: OnceLock::new(),
@@ -170,7 +171,7 @@ impl Metrics {
     /// Counts one request forwarded on `counters`' route and answered with `status`: the same
     /// series as [`Metrics::request`] with code `ok`, but after the first request of a status
     /// it costs an atomic add instead of hashing the labels to find the counter.
-    pub fn forwarded(&self, counters: &RouteCounters, status: u16, elapsed: Duration) {
+    pub(crate) fn forwarded(&self, counters: &RouteCounters, status: u16, elapsed: Duration) {
         let slots = counters.by_status.get_or_init(|| {
             (FIRST_STATUS..=LAST_STATUS)
                 .map(|_| OnceLock::new())

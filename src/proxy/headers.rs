@@ -261,6 +261,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_first_request_id_is_replaced_even_when_a_later_one_is_sane() {
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        h.append(X_REQUEST_ID, HeaderValue::from_static("sane"));
+        let id = request_id(&mut h);
+        assert!(
+            uuid::Uuid::parse_str(id.to_str().unwrap()).is_ok(),
+            "{id:?}"
+        );
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), [&id]);
+    }
+
+    #[test]
     fn only_the_first_of_several_request_ids_is_kept() {
         let mut h = HeaderMap::new();
         h.append(X_REQUEST_ID, HeaderValue::from_static("first"));

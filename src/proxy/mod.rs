@@ -46,10 +46,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct Body(BodyKind);
 
-/// Headers the proxy may add to a request on its way upstream: `x-forwarded-host`, `host`,
-/// `x-forwarded-for`, `x-forwarded-proto`, `x-request-id`, `x-forwarded-client-cert` and the
-/// six `x-auth-*` identity headers.
-const ADDED_HEADERS: usize = 12;
+/// Headers the proxy may add to a request on its way upstream once it is checked:
+/// `x-forwarded-host`, `host`, `x-forwarded-for`, `x-forwarded-proto`,
+/// `x-forwarded-client-cert` and the six `x-auth-*` identity headers (`x-request-id` is set when
+/// the request arrives).
+const ADDED_HEADERS: usize = 11;
 
 #[derive(Debug)]
 enum BodyKind {
@@ -308,9 +309,9 @@ impl Proxy {
         parts.uri = Uri::from_parts(uri)
             .map_err(|_| Rejection::InvalidPath(path::InvalidPath::BrokenEscape))?;
         parts.version = Version::HTTP_11;
-        // Room for what is added below (the forwarding headers, the request id and the
-        // identity), made once: the map hyper parsed is sized for the client's headers, and
-        // would otherwise grow, rehashing, as they go in.
+        // Room for what is added below (the forwarding headers and the identity), made once:
+        // the map hyper parsed is sized for the client's headers, and would otherwise grow,
+        // rehashing, as they go in.
         parts.headers.reserve(ADDED_HEADERS);
         match (sent_host, authority) {
             // `Host` goes upstream as it is.

@@ -64,12 +64,8 @@ impl Drain {
     /// Tells every connection to close once its request is answered, and waits until all have
     /// ended.
     pub(crate) async fn shutdown(self) {
-        let shared = self.shared;
-        shared.draining.store(true, Ordering::Release);
-        let wakers: Vec<Waker> = lock(&shared.wakers).values().cloned().collect();
-        for waker in wakers {
-            waker.wake();
-        }
+        self.begin();
+        let shared = &self.shared;
         loop {
             let idle = shared.idle.notified();
             tokio::pin!(idle);
@@ -81,6 +77,27 @@ impl Drain {
             }
             idle.await;
         }
+    }
+}
+
+impl Drain {
+    /// Sets the flag and wakes every connection, once.
+    fn begin(&self) {
+        if self.shared.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let wakers: Vec<Waker> = lock(&self.shared.wakers).values().cloned().collect();
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// A drain dropped without [`Drain::shutdown`] (its server's future was cancelled) still tells
+/// the connections to close, as hyper-util's did when its sender was dropped.
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.begin();
     }
 }
 
@@ -282,6 +299,19 @@ mod tests {
             .await
             .expect("shutdown did not return: the idle connection was not closed");
         assert_eq!(read_to_close(&mut client).await, "");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_drain_still_closes_its_connections() {
+        let drain = Drain::new();
+        let (entered_tx, entered) = oneshot::channel();
+        let addr = serve(&drain, None, entered_tx).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(REQUEST).await.unwrap();
+        entered.await.unwrap();
+        drop(drain);
+        let answer = read_to_close(&mut client).await;
+        assert!(answer.ends_with("done"), "{answer}");
     }
 
     #[tokio::test]
