@@ -67,8 +67,25 @@ pub(super) fn read_object<'de, M: Members<'de>>(
     keys: &mut Vec<Key<'de>>,
     members: &mut M,
 ) -> Result<bool, serde_json::Error> {
-    // What `serde_json::from_slice` does, with a seed instead of a `Deserialize` type.
-    let mut de = serde_json::Deserializer::from_slice(json);
+    // Checked as UTF-8 once, with the standard library's fast check: serde_json then reads
+    // its strings without checking each again. Text that is not UTF-8 is read as bytes, so
+    // that serde_json refuses it with the error it always gave.
+    match std::str::from_utf8(json) {
+        Ok(text) => read_with(serde_json::Deserializer::from_str(text), keys, members),
+        Err(_) => read_with(serde_json::Deserializer::from_slice(json), keys, members),
+    }
+}
+
+/// What `serde_json::from_slice` does, with a seed instead of a `Deserialize` type.
+fn read_with<'de, R, M>(
+    mut de: serde_json::Deserializer<R>,
+    keys: &mut Vec<Key<'de>>,
+    members: &mut M,
+) -> Result<bool, serde_json::Error>
+where
+    R: serde_json::de::Read<'de>,
+    M: Members<'de>,
+{
     let is_object = de.deserialize_any(TopLevel { keys, members })?;
     de.end()?;
     Ok(is_object)
