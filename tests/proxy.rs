@@ -605,6 +605,7 @@ async fn admin_listener_serves_health_and_metrics() {
     let (proxy, _dir) = start(&upstream, "").await;
     get(&proxy.url("/public"), &[]).await;
     get(&proxy.url("/nowhere"), &[]).await;
+    get(&proxy.url("/admin/x"), &[]).await;
 
     let health = get(&proxy.admin_url("/healthz"), &[]).await;
     assert_eq!(health.status, 200);
@@ -619,6 +620,14 @@ async fn admin_listener_serves_health_and_metrics() {
     );
     assert!(
         metrics.body.contains(r#"code="no_route",status="404"} 1"#),
+        "{}",
+        metrics.body
+    );
+    // A rejection on a matched route is counted under that route's name.
+    assert!(
+        metrics.body.contains(
+            r#"portcullis_requests_total{route="admin",code="missing_credentials",status="401"} 1"#
+        ),
         "{}",
         metrics.body
     );

@@ -192,7 +192,7 @@ impl Proxy {
                 let request_id = request_id.to_str().unwrap_or("-");
                 tracing::info!(
                     request_id = %request_id,
-                    route = outcome.route.map_or("-", |r| r.as_str()),
+                    route = self.route_name(outcome.route).map_or("-", |r| r.as_str()),
                     code = rejection.code(),
                     status = rejection.status().as_u16(),
                     subject = outcome.subject.as_deref().unwrap_or("-"),
@@ -208,23 +208,33 @@ impl Proxy {
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id);
         let status = response.status().as_u16();
-        match outcome.route_index.and_then(|i| self.forwarded.get(i)) {
+        match outcome.route.and_then(|i| self.forwarded.get(i)) {
             Some(counters) if outcome.code == "ok" => {
                 self.metrics.forwarded(counters, status, started.elapsed());
             }
-            _ => self
-                .metrics
-                .request(outcome.route, outcome.code, status, started.elapsed()),
+            _ => self.metrics.request(
+                self.route_name(outcome.route),
+                outcome.code,
+                status,
+                started.elapsed(),
+            ),
         }
         response
     }
 
-    async fn process<'a>(
-        &'a self,
+    /// The name of the route at `index` in the configuration.
+    fn route_name(&self, index: Option<usize>) -> Option<&Arc<String>> {
+        index
+            .and_then(|i| self.config.routes.get(i))
+            .map(|r| &r.name)
+    }
+
+    async fn process(
+        &self,
         request: Request<Incoming>,
         conn: &ConnectionInfo,
         request_id: &HeaderValue,
-        outcome: &mut Outcome<'a>,
+        outcome: &mut Outcome,
     ) -> Result<Response<Body>, Rejection> {
         let (mut parts, body) = request.into_parts();
         headers::remove_hop_by_hop_and_spoofable(&mut parts.headers);
@@ -232,7 +242,7 @@ impl Proxy {
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {
             RouteMatch::Found { index, route } => {
-                outcome.route_index = Some(index);
+                outcome.route = Some(index);
                 route
             }
             RouteMatch::MethodNotAllowed => {
@@ -240,7 +250,6 @@ impl Proxy {
             }
             RouteMatch::NoRoute => return Err(Rejection::NoRoute(path.into_owned())),
         };
-        outcome.route = Some(&route.name);
 
         let limit = self.config.server.max_body_bytes;
         if let Some(length) = content_length(&parts.headers) {
@@ -715,20 +724,18 @@ async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Re
 
 /// What the log line and metrics of a request say.
 #[derive(Debug)]
-struct Outcome<'a> {
-    route: Option<&'a Arc<String>>,
-    /// The route's place in the configuration.
-    route_index: Option<usize>,
+struct Outcome {
+    /// The route's place in `config.routes`, once one matched.
+    route: Option<usize>,
     code: &'static str,
     subject: Option<String>,
     client: Option<String>,
 }
 
-impl Default for Outcome<'_> {
+impl Default for Outcome {
     fn default() -> Self {
         Self {
             route: None,
-            route_index: None,
             code: "ok",
             subject: None,
             client: None,

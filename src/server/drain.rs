@@ -235,6 +235,14 @@ mod tests {
         addr
     }
 
+    /// Connects to `addr` and sends [`REQUEST`]; returns once the service has it.
+    async fn send_request(addr: std::net::SocketAddr, entered: oneshot::Receiver<()>) -> TcpStream {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(REQUEST).await.unwrap();
+        entered.await.unwrap();
+        client
+    }
+
     async fn read_to_close(client: &mut TcpStream) -> String {
         let mut seen = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut seen))
@@ -250,9 +258,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (entered_tx, entered) = oneshot::channel();
         let addr = serve(&drain, Some(release.clone()), entered_tx).await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client.write_all(REQUEST).await.unwrap();
-        entered.await.unwrap();
+        let mut client = send_request(addr, entered).await;
 
         let shutdown = tokio::spawn(drain.shutdown());
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -280,9 +286,7 @@ mod tests {
         let drain = Drain::new();
         let (entered_tx, entered) = oneshot::channel();
         let addr = serve(&drain, None, entered_tx).await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client.write_all(REQUEST).await.unwrap();
-        entered.await.unwrap();
+        let mut client = send_request(addr, entered).await;
         // Read the answer; the connection then sits idle, kept alive.
         let mut buf = [0u8; 1024];
         let mut seen = Vec::new();
@@ -306,9 +310,7 @@ mod tests {
         let drain = Drain::new();
         let (entered_tx, entered) = oneshot::channel();
         let addr = serve(&drain, None, entered_tx).await;
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client.write_all(REQUEST).await.unwrap();
-        entered.await.unwrap();
+        let mut client = send_request(addr, entered).await;
         drop(drain);
         let answer = read_to_close(&mut client).await;
         assert!(answer.ends_with("done"), "{answer}");
