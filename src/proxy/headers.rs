@@ -204,21 +204,16 @@ mod tests {
 
     #[test]
     fn a_single_connection_value_is_honoured() {
-        let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h.get("x-kept").unwrap(), "1");
-
-        let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("x-secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h.get("x-kept").unwrap(), "1");
+        // The lone `keep-alive` the fast path skips, and a lone name it must not skip.
+        for (connection, named) in [("Keep-Alive", "keep-alive"), ("x-secret", "x-secret")] {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, HeaderValue::from_static(connection));
+            h.insert(named, HeaderValue::from_static("1"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            remove_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "Connection: {connection}");
+            assert_eq!(h.get("x-kept").unwrap(), "1");
+        }
     }
 
     #[test]
