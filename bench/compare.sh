@@ -516,6 +516,11 @@ fi
   echo
   echo "- machine: nproc $(nproc), $(lscpu | grep 'Model name' | sed 's/  */ /g'); kernel $(uname -r)"
   echo "- portcullis: $PORTCULLIS ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
+  if [ -f "$PORTCULLIS.pgo" ]; then
+    echo "- build: $(tr '\n' ' ' < "$PORTCULLIS.pgo")"
+  else
+    echo "- build: cargo build --release (no profile-guided optimisation)"
+  fi
   echo "- $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); $(redis-server --version | cut -d' ' -f1-3)"
   echo "- command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS TOKENS=$TOKENS RATE=$RATE bash bench/compare.sh\`"
   echo "- every run: \`taskset -c $CLIENT_CPU loadgen --threads 1 -c $CONNS -d $DURATION --url ...\` (closed loop, keep-alive), after a 2 s warm-up of each target;"
