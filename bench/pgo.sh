@@ -69,6 +69,16 @@ PORTCULLIS=$instrumented LOADGEN=$LOADGEN DURATION=$TRAIN_DURATION \
   DIR=/tmp/portcullis-pgo-tls bash "$HERE/loadgen/tls-bench.sh" > "$train_out/tls.txt"
 
 log "3/4 merging the profile"
+# Each instrumented process writes its part of the profile as it exits, after the scripts above
+# sent it SIGTERM: wait for the last one, or the merge reads a half-written file.
+for _ in $(seq 1 150); do
+  pgrep -f "^$instrumented " > /dev/null || break
+  sleep 0.2
+done
+if pgrep -f "^$instrumented " > /dev/null; then
+  echo "an instrumented portcullis is still running after 30 s: $(pgrep -af "^$instrumented ")" >&2
+  exit 1
+fi
 shopt -s nullglob
 raw=("$PROFILES"/*.profraw)
 [ ${#raw[@]} -gt 0 ] || { echo "the training wrote no profile to $PROFILES" >&2; exit 1; }
