@@ -296,6 +296,15 @@ lg() { # target extra-args... -> loadgen JSON on stdout
   taskset -c "$CLIENT_CPU" "$LOADGEN" --threads 1 --url "${URL[$t]}" ${ARGS[$t]} "$@" --json
 }
 
+# The machine's own speed, before the rounds and after the run: on a shared VM it can move by
+# more than the gaps measured here (bench/README.md, fifteenth pass), and runs made at different
+# speeds are not comparable.
+rsa_verify_rate() { # RSA-2048 verifications a second on the proxies' core (openssl speed)
+  taskset -c "$SERVER_CPU" openssl speed -seconds 2 rsa2048 2>/dev/null \
+    | awk '/^rsa 2048 bits/ { printf "%.0f", $NF }'
+}
+RSA_BEFORE=$(rsa_verify_rate)
+
 log "warm-up (2 s each, not reported)"
 for t in $TARGETS; do lg "$t" -c "$CONNS" -d 2s > "$DIR/warm-$t.json"; done
 
@@ -511,10 +520,12 @@ if [ "$WRK" = 1 ]; then
 fi
 
 # ---- report ----------------------------------------------------------------------------------
+RSA_AFTER=$(rsa_verify_rate)
 {
   echo "# Side by side (issue 6): $STAMP"
   echo
   echo "- machine: nproc $(nproc), $(lscpu | grep 'Model name' | sed 's/  */ /g'); kernel $(uname -r)"
+  echo "- machine speed: \`openssl speed -seconds 2 rsa2048\` on CPU $SERVER_CPU verifies ${RSA_BEFORE:-?}/s before the rounds and ${RSA_AFTER:-?}/s after the run (a drift between the two is the machine's, not the targets')"
   echo "- portcullis: $PORTCULLIS ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
   if [ -f "$PORTCULLIS.pgo" ]; then
     echo "- build: $(tr '\n' ' ' < "$PORTCULLIS.pgo")"
