@@ -88,6 +88,48 @@ async fn public_route_forwards_with_request_id_and_forwarded_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_keeps_every_line_sent_and_appends_the_client() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+
+    let response = get(&proxy.url("/public"), &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        upstream.last().header("x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+
+    // Two lines (a balancer in front that adds its own): one list, in order, then the client.
+    let response = get(
+        &proxy.url("/public"),
+        &[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-for", "198.51.100.2, 192.0.2.1"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        upstream.last().header("x-forwarded-for"),
+        Some("203.0.113.7, 198.51.100.2, 192.0.2.1, 127.0.0.1")
+    );
+
+    // An empty line adds no empty entry to the list.
+    let response = raw(
+        proxy.addr,
+        "GET /public HTTP/1.1\nX-Forwarded-For: \nX-Forwarded-For: 198.51.100.2",
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        upstream.last().header("x-forwarded-for"),
+        Some("198.51.100.2, 127.0.0.1")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_are_served() {
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;

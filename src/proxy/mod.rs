@@ -348,11 +348,8 @@ impl Proxy {
         }
         match parts.headers.entry(headers::X_FORWARDED_FOR) {
             Entry::Occupied(mut earlier) => {
-                let forwarded_for = match earlier.get().to_str() {
-                    Ok(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", conn.peer.ip()))
-                        .unwrap_or_else(|_| conn.peer_ip.clone()),
-                    Err(_) => conn.peer_ip.clone(),
-                };
+                let forwarded_for = forwarded_for(earlier.iter(), conn);
+                // Replaces every line sent with the one list.
                 earlier.insert(forwarded_for);
             }
             Entry::Vacant(none) => {
@@ -741,6 +738,28 @@ impl Default for Outcome {
             client: None,
         }
     }
+}
+
+/// `X-Forwarded-For` for the upstream: the addresses already listed, from every line sent, in
+/// order, as one list (RFC 9110 section 5.3: lines of a list header are one list), then the
+/// client's. A line that is empty or not text is left out; with none left, the client's address
+/// alone.
+fn forwarded_for<'a>(
+    earlier: impl Iterator<Item = &'a HeaderValue>,
+    conn: &ConnectionInfo,
+) -> HeaderValue {
+    let mut list = String::new();
+    for line in earlier.filter_map(|v| v.to_str().ok()).map(str::trim) {
+        if !line.is_empty() {
+            list.push_str(line);
+            list.push_str(", ");
+        }
+    }
+    if list.is_empty() {
+        return conn.peer_ip.clone();
+    }
+    list.push_str(&conn.peer.ip().to_string());
+    HeaderValue::from_str(&list).unwrap_or_else(|_| conn.peer_ip.clone())
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
