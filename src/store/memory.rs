@@ -322,8 +322,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(outcome, Ok(NonceOutcome::Fresh));
-        // The sweep counted the expired nonces out: only the new one is held.
-        assert_eq!(store.len(), 1);
+        // That first place may have come from sweeping only the new nonce's own table (when an
+        // expired nonce shared it); the next refusal sweeps every table. Either way the expired
+        // nonces are counted out, so nine more new ones fit, and the store is full again at ten.
+        for i in 11..20 {
+            let nonce = format!("nonce-{i:04}-abcdefgh");
+            assert_eq!(
+                store.record_once("k", &nonce, ttl).await,
+                Ok(NonceOutcome::Fresh),
+                "nonce {i}"
+            );
+        }
+        assert_eq!(store.len(), 10);
+        match store.record_once("k", "nonce-0020-abcdefgh", ttl).await {
+            Err(StoreError::Refused { reason }) => assert!(reason.contains("full"), "{reason}"),
+            other => panic!("nonce 20: expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
@@ -408,14 +422,15 @@ mod tests {
     #[test]
     fn an_expired_nonce_is_fresh_again_and_swept_out_of_the_count() {
         let store = MemoryNonceStore::with_capacity(1_000);
-        let short = Duration::from_millis(20);
+        // Long enough that a test thread descheduled for a while still sees the replay.
+        let short = Duration::from_millis(200);
         let key = entry_key("k", "nonce-0001-abcdefgh");
         assert_eq!(store.inner.record_once(key, short), Ok(NonceOutcome::Fresh));
         assert_eq!(
             store.inner.record_once(key, short),
             Ok(NonceOutcome::Replayed)
         );
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(300));
         // Found in its slot with its TTL passed: recorded again in place, not a second entry.
         assert_eq!(store.inner.record_once(key, short), Ok(NonceOutcome::Fresh));
         assert_eq!(store.len(), 1);
