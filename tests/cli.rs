@@ -261,6 +261,23 @@ async fn idle_cpu_share(pid: u32, over: Duration) -> f64 {
     (cpu_ticks(pid) - before) as f64 / 100.0 / over.as_secs_f64()
 }
 
+/// In how many of `samples` looks, `every` apart, some thread of the process was running or
+/// ready to run (state `R` in `/proc/PID/task/TID/stat`). A thread that spins stays `R` while a
+/// busy machine keeps it off the core, so unlike its CPU share this does not depend on what
+/// else runs beside the test.
+async fn runnable_samples(pid: u32, samples: u32, every: Duration) -> u32 {
+    let mut runnable = 0;
+    for _ in 0..samples {
+        let any_running = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("stat")).ok())
+            .any(|stat| stat[stat.rfind(')').unwrap() + 2..].starts_with('R'));
+        runnable += u32::from(any_running);
+        tokio::time::sleep(every).await;
+    }
+    runnable
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_poll_keeps_the_one_worker_awake_and_it_still_serves() {
     let upstream = Upstream::start().await;
@@ -277,14 +294,22 @@ async fn busy_poll_keeps_the_one_worker_awake_and_it_still_serves() {
     for proxy in [&quiet, &busy] {
         assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
     }
-    let over = Duration::from_secs(1);
-    let (quiet_share, busy_share) = tokio::join!(
-        idle_cpu_share(quiet.pid(), over),
-        idle_cpu_share(busy.pid(), over)
+    // Busy polling keeps the worker running or ready to run all the time; without it an idle
+    // proxy sleeps in epoll_wait and uses next to no CPU.
+    let every = Duration::from_millis(50);
+    let (quiet_share, quiet_runnable, busy_runnable) = tokio::join!(
+        idle_cpu_share(quiet.pid(), Duration::from_secs(1)),
+        runnable_samples(quiet.pid(), 20, every),
+        runnable_samples(busy.pid(), 20, every)
     );
-    // Busy polling spins a whole core (less when the tests beside it want the same core);
-    // without it an idle proxy sleeps in epoll_wait.
-    assert!(busy_share > 0.3, "busy_poll: {busy_share:.2} of a core");
+    assert!(
+        busy_runnable >= 18,
+        "busy_poll: running or ready in only {busy_runnable} of 20 looks"
+    );
+    assert!(
+        quiet_runnable <= 4,
+        "no busy_poll: running or ready in {quiet_runnable} of 20 looks"
+    );
     assert!(
         quiet_share < 0.1,
         "no busy_poll: {quiet_share:.2} of a core"

@@ -54,7 +54,7 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-fn issuers(jwks_url: &str, jwks_refresh: &str) -> String {
+fn issuers(jwks_url: &str, jwks_refresh: &str, jwks_min_refetch: &str) -> String {
     format!(
         r#"
 [jwt]
@@ -67,7 +67,7 @@ algorithms = ["RS256", "ES256", "EdDSA", "PS256"]
 jwks_url = "{jwks_url}"
 max_lifetime = "1h"
 jwks_refresh = "{jwks_refresh}"
-jwks_min_refetch = "1s"
+jwks_min_refetch = "{jwks_min_refetch}"
 
 [[jwt.issuers]]
 issuer = "{INTERNAL}"
@@ -101,7 +101,7 @@ path_prefix = "/public"
     )
 }
 
-async fn setup_with(jwks_refresh: &str) -> Setup {
+async fn setup_with(jwks_refresh: &str, jwks_min_refetch: &str) -> Setup {
     let rs256 = TestKey::rs256();
     let es256 = TestKey::es256();
     let eddsa = TestKey::eddsa();
@@ -111,7 +111,10 @@ async fn setup_with(jwks_refresh: &str) -> Setup {
     let jwks_server = JwksServer::start(jwks(&[&rs256, &es256, &eddsa, &ps256])).await;
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(upstream.addr, &issuers(&jwks_server.url(), jwks_refresh));
+    let text = config_text(
+        upstream.addr,
+        &issuers(&jwks_server.url(), jwks_refresh, jwks_min_refetch),
+    );
     let proxy = TestProxy::start(
         &text,
         dir.path(),
@@ -133,7 +136,7 @@ async fn setup_with(jwks_refresh: &str) -> Setup {
 }
 
 async fn setup() -> Setup {
-    setup_with("1s").await
+    setup_with("1s", "1s").await
 }
 
 impl Setup {
@@ -641,23 +644,30 @@ async fn a_key_added_to_the_jwks_after_start_passes_once_refetched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_min_refetch() {
-    // No scheduled refresh during the test; refetch on unknown kid at most every 1s.
-    let s = setup_with("1h").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let before = s.jwks.fetches();
-    let flood = |s: &Setup| {
-        let mut tasks = Vec::new();
-        for i in 0..40 {
+    // No scheduled refresh during the test; refetch on unknown kid at most every 5 s, long
+    // enough that both floods fit in it on a slow machine.
+    let s = setup_with("1h", "5s").await;
+    let tokens: Vec<String> = (0..80)
+        .map(|i| {
             let stranger_header = json!({"alg": "RS256", "kid": format!("unknown-{i}")});
-            let token = s.rs256.sign_with_header(&stranger_header, &claims(ISSUER));
+            s.rs256.sign_with_header(&stranger_header, &claims(ISSUER))
+        })
+        .collect();
+    // Past jwks_min_refetch since the fetch at start.
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    let before = s.jwks.fetches();
+    let flood = |s: &Setup, tokens: &[String]| {
+        let mut tasks = Vec::new();
+        for token in tokens {
             let url = s.proxy.url("/api/x");
+            let authorization = format!("Bearer {token}");
             tasks.push(tokio::spawn(async move {
-                get(&url, &[("authorization", &format!("Bearer {token}"))]).await
+                get(&url, &[("authorization", &authorization)]).await
             }));
         }
         tasks
     };
-    for task in flood(&s) {
+    for task in flood(&s, &tokens[..40]) {
         assert_eq!(task.await.unwrap().code(), "unknown_key");
     }
     assert_eq!(
@@ -666,7 +676,7 @@ async fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_min_refetch()
         "40 concurrent unknown kids share one fetch"
     );
     // Within jwks_min_refetch of that fetch, another flood fetches nothing.
-    for task in flood(&s) {
+    for task in flood(&s, &tokens[40..]) {
         assert_eq!(task.await.unwrap().code(), "unknown_key");
     }
     assert_eq!(

@@ -684,12 +684,14 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
+    // Timed from before the connection, so that the proxy's clock (from accept) never starts
+    // before the test's.
+    let started = std::time::Instant::now();
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /public HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(
         std::time::Duration::from_secs(5),

@@ -20,7 +20,9 @@ fn store_config(backend: StoreBackend) -> StoreConfig {
     StoreConfig {
         backend,
         on_error: OnStoreError::Deny,
-        timeout: Duration::from_millis(100),
+        // Generous, so that a loaded machine does not turn a slow answer into an error; the
+        // tests of a Redis that is down use a short one (redis_store_failing_fast).
+        timeout: Duration::from_secs(2),
         revocation_max_lag: Duration::from_secs(5),
         max_nonces: store::memory::DEFAULT_CAPACITY,
     }
@@ -33,7 +35,27 @@ async fn memory_store() -> Arc<dyn NonceStore> {
 }
 
 async fn redis_store(url: String) -> Arc<dyn NonceStore> {
-    store::connect(&store_config(StoreBackend::Redis { url }))
+    let store = store::connect(&store_config(StoreBackend::Redis { url }))
+        .await
+        .expect("a redis:// url to 127.0.0.1 is valid");
+    // connect waits a moment for the connections, not until they are up: the suite starts
+    // once Redis answers through the store.
+    let start = Instant::now();
+    while store.ping().await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "redis never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+}
+
+/// A store with a 100 ms timeout, for the tests of a Redis that is down or comes back.
+async fn redis_store_failing_fast(url: String) -> Arc<dyn NonceStore> {
+    let mut config = store_config(StoreBackend::Redis { url });
+    config.timeout = Duration::from_millis(100);
+    store::connect(&config)
         .await
         .expect("a redis:// url to 127.0.0.1 is valid")
 }
@@ -78,12 +100,13 @@ async fn the_same_nonce_under_distinct_key_ids_does_not_collide(store: Arc<dyn N
 }
 
 async fn a_nonce_is_forgotten_after_its_ttl(store: Arc<dyn NonceStore>) {
-    let ttl = Duration::from_millis(300);
+    // A TTL long enough that the replay below is checked inside it on a loaded machine.
+    let ttl = Duration::from_secs(1);
     let nonce = "short-lived-nonce-000001";
     assert_eq!(store.record_once("k", nonce, ttl).await, Ok(Fresh));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.record_once("k", nonce, ttl).await, Ok(Replayed));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.record_once("k", nonce, ttl).await, Ok(Fresh));
     assert_eq!(store.record_once("k", nonce, ttl).await, Ok(Replayed));
 }
@@ -177,7 +200,8 @@ async fn wait_until_ok(store: &Arc<dyn NonceStore>, limit: Duration) -> Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_gives_errors_within_a_second_and_recovers_after_restart() {
     let mut server = RedisServer::start().await;
-    let store = redis_store(server.url()).await;
+    let store = redis_store_failing_fast(server.url()).await;
+    wait_until_ok(&store, Duration::from_secs(5)).await;
     assert_eq!(
         store.record_once("k", "before-the-kill-000001", TTL).await,
         Ok(Fresh)
@@ -232,7 +256,7 @@ async fn unreachable_redis_at_start_does_not_block_startup() {
     // Nothing listens here: the port was free a moment ago and nobody started a server on it.
     let url = format!("redis://127.0.0.1:{}/0", free_port());
     let start = Instant::now();
-    let store = redis_store(url).await;
+    let store = redis_store_failing_fast(url).await;
     let startup = start.elapsed();
     eprintln!("connect to an unreachable redis returned in {startup:?}");
     assert!(startup < Duration::from_secs(2), "{startup:?}");
@@ -247,7 +271,7 @@ async fn unreachable_redis_at_start_does_not_block_startup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_started_after_the_store_is_picked_up_without_reconnecting_by_hand() {
     let port = free_port();
-    let store = redis_store(format!("redis://127.0.0.1:{port}/0")).await;
+    let store = redis_store_failing_fast(format!("redis://127.0.0.1:{port}/0")).await;
     assert!(store.ping().await.is_err());
 
     let _server = RedisServer::start_on(port).await;

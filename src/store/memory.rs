@@ -286,7 +286,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_store_refuses_new_nonces_and_forgets_none() {
         let store = MemoryNonceStore::with_capacity(10);
-        let ttl = Duration::from_millis(300);
+        // Long enough for the refusals and replays below to run inside it on a loaded machine.
+        let ttl = Duration::from_secs(2);
         for i in 0..10 {
             let nonce = format!("nonce-{i:04}-abcdefgh");
             assert_eq!(
@@ -313,7 +314,7 @@ mod tests {
         }
         // Once the recorded nonces expire there is room again: a full store sweeps every
         // table (at most once a second, and the refusals above took this second's sweep).
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let outcome = loop {
             let outcome = store.record_once("k", "nonce-0010-abcdefgh", ttl).await;
             if outcome.is_ok() || std::time::Instant::now() > deadline {
@@ -425,6 +426,14 @@ mod tests {
         // Long enough that a test thread descheduled for a while still sees the replay.
         let short = Duration::from_millis(200);
         let key = entry_key("k", "nonce-0001-abcdefgh");
+        // Keys that fall in the same table, found before the clock matters.
+        let index = |k: [u8; 16]| store.inner.shard_of(store.inner.hasher.hash_one(k));
+        let target = index(key);
+        let same_table: Vec<[u8; 16]> = (0..)
+            .map(|i| entry_key("k", &format!("other-{i:08}")))
+            .filter(|k| index(*k) == target)
+            .take(20)
+            .collect();
         assert_eq!(store.inner.record_once(key, short), Ok(NonceOutcome::Fresh));
         assert_eq!(
             store.inner.record_once(key, short),
@@ -441,13 +450,6 @@ mod tests {
 
         // Nonces in one table, all expired: once its sweep is due, the next request that
         // touches the table removes them and counts them out.
-        let index = |k: [u8; 16]| store.inner.shard_of(store.inner.hasher.hash_one(k));
-        let target = index(key);
-        let same_table: Vec<[u8; 16]> = (0..)
-            .map(|i| entry_key("k", &format!("other-{i:08}")))
-            .filter(|k| index(*k) == target)
-            .take(20)
-            .collect();
         for k in &same_table[..10] {
             assert_eq!(store.inner.record_once(*k, short), Ok(NonceOutcome::Fresh));
         }
