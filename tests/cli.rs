@@ -158,7 +158,15 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
 
     let url = format!("http://{listen}/slow");
     let slow = tokio::spawn(async move { get(&url, &[("x-test-delay-ms", "1500")]).await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // In flight: through the proxy and waiting at the upstream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while upstream.arrived() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         upstream.count(),
         0,

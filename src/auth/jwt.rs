@@ -1364,13 +1364,13 @@ mod tests {
 
     #[tokio::test]
     async fn cached_token_skips_verification_but_not_expiry() {
-        let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
         // A real clock, since the cache expires entries at exp in real time.
         let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
         let token = KEYS.es256.sign(&claims);
         let first = v.verify(&token, now).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         // The keys are now too stale to serve: only the cache can answer.
         let again = v.verify(&token, now).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again));
@@ -1416,10 +1416,10 @@ mod tests {
 
     #[tokio::test]
     async fn cache_off_verifies_every_time() {
-        let (v, _dir) = verifier_with(0, |i| i.jwks_max_stale = Duration::from_millis(200)).await;
+        let (v, _dir) = verifier_with(0, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
         let token = KEYS.es256.sign(&claims());
         v.verify(&token, NOW).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_err!(v.verify(&token, NOW).await, KeysUnavailable);
     }
 

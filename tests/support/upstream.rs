@@ -2,6 +2,7 @@
 //! keeps the requests for the test to inspect. `x-test-delay-ms` makes it answer late.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,14 +16,18 @@ use super::http::{serve, Received};
 pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Requests that reached the upstream, counted before any delay.
+    arrived: Arc<AtomicUsize>,
 }
 
 impl Upstream {
     pub async fn start() -> Upstream {
         let received = Arc::new(Mutex::new(Vec::new()));
-        let log = received.clone();
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (log, arrivals) = (received.clone(), arrived.clone());
         let addr = serve(move |request: Received| {
             let log = log.clone();
+            arrivals.fetch_add(1, Ordering::SeqCst);
             async move {
                 let delay = request
                     .header("x-test-delay-ms")
@@ -45,7 +50,11 @@ impl Upstream {
             }
         })
         .await;
-        Upstream { addr, received }
+        Upstream {
+            addr,
+            received,
+            arrived,
+        }
     }
 
     /// Every request received so far.
@@ -61,7 +70,13 @@ impl Upstream {
             .expect("the upstream received no request")
     }
 
+    /// Requests answered so far.
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
+    }
+
+    /// Requests that reached the upstream so far, answered or still waiting out their delay.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
     }
 }
