@@ -71,12 +71,14 @@ PORTCULLIS=$instrumented LOADGEN=$LOADGEN DURATION=$TRAIN_DURATION \
 log "3/4 merging the profile"
 # Each instrumented process writes its part of the profile as it exits, after the scripts above
 # sent it SIGTERM: wait for the last one, or the merge reads a half-written file.
+# pgrep takes a regular expression: the path's special characters are escaped.
+running="^$(printf '%s' "$instrumented" | sed 's/[][\\.*^$+?(){}|]/\\&/g') "
 for _ in $(seq 1 150); do
-  pgrep -f "^$instrumented " > /dev/null || break
+  pgrep -f "$running" > /dev/null || break
   sleep 0.2
 done
-if pgrep -f "^$instrumented " > /dev/null; then
-  echo "an instrumented portcullis is still running after 30 s: $(pgrep -af "^$instrumented ")" >&2
+if pgrep -f "$running" > /dev/null; then
+  echo "an instrumented portcullis is still running after 30 s: $(pgrep -af "$running")" >&2
   exit 1
 fi
 shopt -s nullglob
