@@ -21,8 +21,24 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// Starts `redis-server` on a free port and waits until it answers PING.
+    ///
+    /// The port was free when picked, but until redis-server binds it another socket of the
+    /// machine can take it (a connection's local port, or a port another test picked): then this
+    /// redis-server exits, and another port is tried.
     pub async fn start() -> RedisServer {
-        RedisServer::start_on(free_port()).await
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                child: None,
+                extra_args: Vec::new(),
+            };
+            match server.try_spawn().await {
+                Ok(()) => return server,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("redis-server did not start: {failures:?}");
     }
 
     /// Starts `redis-server` on `port` (one the test picked with [`free_port`]).
@@ -76,6 +92,14 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Runs redis-server on `self.port` and waits until it answers, as this process's child
+    /// (not another test's server on the same port).
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -92,15 +116,31 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run redis-server (is it installed?): {e}"));
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if answers_ping(self.addr()).await {
-                return;
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited at start ({status}): the port was taken",
+                    self.port
+                ));
+            }
+            if answers_ping(self.addr()).await && server_pid(self.addr()).await == Some(pid) {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("redis-server on port {} did not answer PING", self.port);
+        self.kill();
+        Err(format!(
+            "redis-server on port {} did not answer PING",
+            self.port
+        ))
     }
 }
 
@@ -114,6 +154,36 @@ impl Drop for RedisServer {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// The `process_id` that `INFO server` gives, if a Redis answers at `addr`.
+async fn server_pid(addr: SocketAddr) -> Option<u32> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream.write_all(b"INFO server\r\n").await.ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A bulk string: `$<length>\r\n<text>\r\n`.
+    let read_all = async {
+        loop {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            let (head, body) = text.split_once("\r\n")?;
+            let length: usize = head.strip_prefix('$')?.parse().ok()?;
+            if body.len() >= length + 2 {
+                return Some(body[..length].to_owned());
+            }
+        }
+    };
+    let info = tokio::time::timeout(Duration::from_secs(1), read_all)
+        .await
+        .ok()??;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 async fn answers_ping(addr: SocketAddr) -> bool {
