@@ -256,15 +256,16 @@ impl ReplyCutter {
 }
 
 /// A port `p` such that both `p` and `p + 10000` (a cluster node's bus port) were free a moment
-/// ago, below the ephemeral range so that `p + 10000` is a valid port.
+/// ago. Both lie below the kernel's ephemeral range (32768 and up), so that no connection on
+/// the machine can take either as its local port before the node binds it.
 pub fn free_cluster_port() -> u16 {
     use std::sync::atomic::AtomicU16;
     // Spread over the range by process id, so that test binaries running at once start apart.
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    let base = 10_000 + (std::process::id() % 500) as u16 * 20;
     for _ in 0..2_000 {
         let offset = NEXT.fetch_add(1, Ordering::SeqCst) % 10_000;
-        let port = 20_000 + (base - 20_000 + offset) % 10_000;
+        let port = 10_000 + (base - 10_000 + offset) % 10_000;
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
