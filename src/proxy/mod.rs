@@ -748,18 +748,19 @@ fn forwarded_for<'a>(
     earlier: impl Iterator<Item = &'a HeaderValue>,
     conn: &ConnectionInfo,
 ) -> HeaderValue {
-    let mut list = String::new();
+    let mut list = Vec::new();
     for line in earlier.filter_map(|v| v.to_str().ok()).map(str::trim) {
         if !line.is_empty() {
-            list.push_str(line);
-            list.push_str(", ");
+            list.extend_from_slice(line.as_bytes());
+            list.extend_from_slice(b", ");
         }
     }
     if list.is_empty() {
         return conn.peer_ip.clone();
     }
-    list.push_str(&conn.peer.ip().to_string());
-    HeaderValue::from_str(&list).unwrap_or_else(|_| conn.peer_ip.clone())
+    // The client's address as made once for the connection.
+    list.extend_from_slice(conn.peer_ip.as_bytes());
+    HeaderValue::from_bytes(&list).unwrap_or_else(|_| conn.peer_ip.clone())
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {

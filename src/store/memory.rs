@@ -283,6 +283,14 @@ mod tests {
         assert_eq!(entry_key("a", "bc"), entry_key("a", "bc"));
     }
 
+    /// A refusal because the store is full.
+    fn assert_full(outcome: Result<NonceOutcome, StoreError>, nonce: &str) {
+        match outcome {
+            Err(StoreError::Refused { reason }) => assert!(reason.contains("full"), "{reason}"),
+            other => panic!("{nonce}: expected a refusal, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_full_store_refuses_new_nonces_and_forgets_none() {
         let store = MemoryNonceStore::with_capacity(10);
@@ -298,10 +306,7 @@ mod tests {
         // Full: a new nonce is refused, not recorded at the price of an old one.
         for i in 10..20 {
             let nonce = format!("nonce-{i:04}-abcdefgh");
-            match store.record_once("k", &nonce, ttl).await {
-                Err(StoreError::Refused { reason }) => assert!(reason.contains("full"), "{reason}"),
-                other => panic!("nonce {i}: expected a refusal, got {other:?}"),
-            }
+            assert_full(store.record_once("k", &nonce, ttl).await, &nonce);
         }
         // Every recorded nonce is still known, so its replay is still caught.
         for i in 0..10 {
@@ -335,10 +340,8 @@ mod tests {
             );
         }
         assert_eq!(store.len(), 10);
-        match store.record_once("k", "nonce-0020-abcdefgh", ttl).await {
-            Err(StoreError::Refused { reason }) => assert!(reason.contains("full"), "{reason}"),
-            other => panic!("nonce 20: expected a refusal, got {other:?}"),
-        }
+        let nonce = "nonce-0020-abcdefgh";
+        assert_full(store.record_once("k", nonce, ttl).await, nonce);
     }
 
     #[test]
