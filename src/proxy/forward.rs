@@ -30,6 +30,7 @@ use super::BoxError;
 use crate::config::UpstreamConfig;
 use crate::problem::Rejection;
 use crate::server::io::Coalesced;
+use crate::server::timer::SleepPool;
 use crate::server::tls::TlsError;
 
 /// The body sent upstream: the client's body streamed through the limit, the body already read
@@ -64,6 +65,8 @@ pub(crate) struct Upstream {
     /// runtime).
     reaper: AtomicBool,
     request_timeout: Duration,
+    /// Timers for `request_timeout`, reused from request to request.
+    timers: SleepPool,
 }
 
 /// Why the upstream could not answer.
@@ -100,6 +103,7 @@ impl Upstream {
             pool: Arc::new(Pool::new(IDLE_TIMEOUT, MAX_IDLE)),
             reaper: AtomicBool::new(false),
             request_timeout: config.request_timeout,
+            timers: SleepPool::default(),
         })
     }
 
@@ -111,10 +115,20 @@ impl Upstream {
         limit_hit: Option<Arc<AtomicBool>>,
         limit: u64,
     ) -> Result<Response<ResponseBody>, Rejection> {
-        match tokio::time::timeout(self.request_timeout, self.exchange(request)).await {
-            Err(_) => Err(Rejection::UpstreamTimeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
+        let deadline = self
+            .timers
+            .sleep_until(tokio::time::Instant::now() + self.request_timeout);
+        // The exchange first, as `tokio::time::timeout` does: an answer that is ready when the
+        // deadline is too is still taken.
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.exchange(request) => Some(outcome),
+            () = deadline => None,
+        };
+        match outcome {
+            None => Err(Rejection::UpstreamTimeout),
+            Some(Ok(response)) => Ok(response),
+            Some(Err(e)) => {
                 if limit_hit.is_some_and(|hit| hit.load(Ordering::Acquire)) {
                     return Err(Rejection::BodyTooLarge(limit));
                 }

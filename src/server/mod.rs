@@ -5,6 +5,7 @@
 
 mod drain;
 pub(crate) mod io;
+pub(crate) mod timer;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -14,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use timer::PooledTimer;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
@@ -125,14 +127,16 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting and waits for in-flight requests
     /// up to the drain timeout.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        // One pool of reused timers for every connection's header-read timeout (see `timer`).
+        let timer = PooledTimer::default();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .timer(timer.clone())
             .header_read_timeout(self.header_read_timeout);
         builder
             .http2()
-            .timer(TokioTimer::new())
+            .timer(timer.clone())
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
         let _reloader = self.tls.as_ref().map(|t| AbortOnDrop(t.spawn_reloader()));
@@ -204,7 +208,7 @@ impl Server {
                         async move { Ok::<_, Infallible>(admin.handle(request).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
+                        .timer(timer.clone())
                         .header_read_timeout(self.header_read_timeout)
                         .serve_connection(TokioIo::new(stream), service);
                     let conn = drain.watch(conn);
