@@ -642,6 +642,28 @@ async fn upstream_slower_than_request_timeout_is_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_request_timer_waits_the_whole_request_timeout() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    // A fast request leaves its 2 s timer in the pool; the slow one a second later reuses it,
+    // and must be given its own 2 s, not what was left of the first request's.
+    assert_eq!(get(&proxy.url("/public/fast"), &[]).await.status, 200);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    let response = get(&proxy.url("/public/slow"), &[("x-test-delay-ms", "3500")]).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1900),
+        "timed out early, at the reused timer's old deadline: {elapsed:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listener_serves_health_and_metrics() {
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;
@@ -676,6 +698,63 @@ async fn admin_listener_serves_health_and_metrics() {
     assert!(metrics
         .body
         .contains("portcullis_request_duration_seconds_bucket"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_head_on_a_keep_alive_connection_gets_the_whole_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The first head comes in two parts, 600 ms apart: its timer starts with the first part and
+    // goes back to the pool with 400 ms left. The second head's timer is that one, reset.
+    stream.write_all(b"GET /public HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    stream.write_all(b"Host: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    // The whole first answer: its head, then Content-Length bytes of body.
+    loop {
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                break;
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the first answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answered = std::time::Instant::now();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    stream
+        .write_all(b"GET /public HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the connection stayed open past the header-read timeout"
+    );
+    // Timed from when the answer was read, which is after the proxy's timer started: a late
+    // reader sees less than 1 s. Broken, the cut comes 400 ms after the answer.
+    let elapsed = answered.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(700),
+        "cut off at the reused timer's old deadline: {elapsed:?}"
+    );
+    assert_eq!(upstream.count(), 1);
     proxy.stop().await;
 }
 
