@@ -186,6 +186,37 @@ mod tests {
     }
 
     #[test]
+    fn every_hop_by_hop_header_is_removed_whether_or_not_connection_names_it() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ] {
+            // Another name that differs in its first letter only.
+            let twin = format!("x{}", &name[1..]);
+            let mut h = HeaderMap::new();
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+            h.insert(
+                HeaderName::from_bytes(twin.as_bytes()).unwrap(),
+                HeaderValue::from_static("2"),
+            );
+            remove_hop_by_hop(&mut h);
+            assert!(h.get(name).is_none(), "{name} is hop-by-hop");
+            assert_eq!(h.get(&twin).unwrap(), "2", "{twin} is not");
+            assert_eq!(h.len(), 1);
+        }
+    }
+
+    #[test]
     fn connection_names_are_matched_in_any_case() {
         let mut h = HeaderMap::new();
         h.insert(
