@@ -186,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn every_hop_by_hop_header_is_removed_whether_or_not_connection_names_it() {
+    fn every_hop_by_hop_header_is_removed_when_connection_does_not_name_it() {
         for name in [
             "connection",
             "keep-alive",
