@@ -1,6 +1,8 @@
-//! Forwarding to the upstream: a pool of HTTP/1.1 keep-alive connections with connect and
+//! Forwarding to the upstream: pools of HTTP/1.1 keep-alive connections with connect and
 //! request timeouts, and a request body that streams through while counting bytes against
-//! `max_body_bytes`.
+//! `max_body_bytes`. A request whose body is in hand (none, or one read for a signature check,
+//! up to [`client::MAX_INLINE_BODY`]) goes on the proxy's own client ([`client`]); one whose
+//! body streams goes on hyper's. Each has its pool.
 //!
 //! There is one upstream, so the pool is a stack of idle connections (the most recently used
 //! first, so that surplus connections age out) rather than a map keyed by host. A connection
@@ -18,13 +20,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
+use super::client::{self, ClientError, Conn};
 use super::upstream_tls;
 use super::BoxError;
 use crate::config::UpstreamConfig;
@@ -60,8 +63,11 @@ pub(crate) struct Upstream {
     /// `scheme://authority` of `upstream.url`, what the connector dials.
     address: Uri,
     builder: http1::Builder,
-    pool: Arc<Pool>,
-    /// Whether the pool's reaper task runs (started with the first connection, inside the
+    /// hyper's connections, for requests whose body streams.
+    pool: Arc<Pool<Sender>>,
+    /// The proxy's own connections, for requests whose body is in hand.
+    lean: Arc<Pool<Conn>>,
+    /// Whether the pools' reaper tasks run (started with the first connection, inside the
     /// runtime).
     reaper: AtomicBool,
     request_timeout: Duration,
@@ -76,6 +82,8 @@ enum UpstreamError {
     Connect(BoxError),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 impl Upstream {
@@ -101,6 +109,7 @@ impl Upstream {
             address,
             builder: http1::Builder::new(),
             pool: Arc::new(Pool::new(IDLE_TIMEOUT, MAX_IDLE)),
+            lean: Arc::new(Pool::new(IDLE_TIMEOUT, MAX_IDLE)),
             reaper: AtomicBool::new(false),
             request_timeout: config.request_timeout,
             timers: SleepPool::default(),
@@ -143,6 +152,62 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let (parts, body) = request.into_parts();
+        match body {
+            Either::Right(full) => {
+                let bytes = full_bytes(full);
+                if bytes.len() <= client::MAX_INLINE_BODY {
+                    return self.exchange_in_hand(&parts, &bytes).await;
+                }
+                let request = Request::from_parts(parts, Either::Right(Full::new(bytes)));
+                self.exchange_streaming(request).await
+            }
+            streaming => {
+                self.exchange_streaming(Request::from_parts(parts, streaming))
+                    .await
+            }
+        }
+    }
+
+    /// A request whose body is in hand, on the proxy's own client. An idempotent request on a
+    /// reused connection that closes before any answer is sent once more on a new one, as
+    /// nginx and Envoy do (the same bytes: nothing is encoded twice); others get 502.
+    async fn exchange_in_hand(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let head_request = parts.method == Method::HEAD;
+        let (mut conn, reused) = match self.lean.checkout() {
+            Some(conn) => (conn, true),
+            // Boxed: a new connection is the rare case (see `exchange_streaming`).
+            None => (Box::pin(self.connect_lean()).await?, false),
+        };
+        conn.encode(parts, body);
+        let head = match conn.round_trip(head_request).await {
+            Ok(head) => head,
+            Err(e) if reused && idempotent(&parts.method) && e.closed_without_answer() => {
+                tracing::debug!(error = %e, "reused upstream connection closed without an answer; sending the request once more on a new one");
+                let wire = conn.take_request();
+                conn = Box::pin(self.connect_lean()).await?;
+                conn.set_request(wire);
+                conn.round_trip(head_request).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let pool = self.lean.clone();
+        let body = head.body(conn, pool);
+        let mut response = Response::new(ResponseBody(ResponseKind::Lean(body)));
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// A request whose body streams, on hyper's client.
+    async fn exchange_streaming(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         let (mut sender, reused) = match self.pool.checkout() {
             Some(sender) => (sender, true),
             // Boxed: a new connection is the rare case, and its future would otherwise make every
@@ -169,17 +234,39 @@ impl Upstream {
             }
         };
         let pool = self.pool.clone();
-        Ok(response.map(|body| ResponseBody {
-            inner: body,
-            sender: Some(sender),
-            pool,
+        Ok(response.map(|body| {
+            ResponseBody(ResponseKind::Hyper {
+                inner: body,
+                sender: Some(sender),
+                pool,
+            })
         }))
     }
 
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    /// Starts the pools' reapers, once.
+    fn start_reapers(&self) {
         if !self.reaper.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(Arc::downgrade(&self.pool), REAP_EVERY));
+            tokio::spawn(reap(Arc::downgrade(&self.lean), REAP_EVERY));
         }
+    }
+
+    /// A new connection for the proxy's own client.
+    async fn connect_lean(&self) -> Result<Conn, UpstreamError> {
+        self.start_reapers();
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = connector
+            .call(self.address.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        Ok(Conn::new(io))
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        self.start_reapers();
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -201,14 +288,10 @@ impl Upstream {
 /// A copy of `request` to send again, when that is safe: an idempotent method (RFC 9110
 /// section 9.2.2) and a body already in hand (empty, or read for a signature check).
 fn replay_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
-    let idempotent = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
     let Either::Right(body) = request.body() else {
         return None;
     };
-    if !idempotent {
+    if !idempotent(request.method()) {
         return None;
     }
     let mut copy = Request::new(Either::Right(body.clone()));
@@ -217,6 +300,25 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>>
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     Some(copy)
+}
+
+/// Whether a request may be sent twice (RFC 9110 section 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The bytes of a complete body (a `Full` is always ready, with one frame or none).
+fn full_bytes(full: Full<Bytes>) -> Bytes {
+    let mut full = std::pin::pin!(full);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match full.as_mut().poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        Poll::Ready(Some(Err(never))) => match never {},
+        Poll::Ready(None) | Poll::Pending => Bytes::new(),
+    }
 }
 
 /// The connection ended before any answer: closed or reset by the upstream.
@@ -237,10 +339,57 @@ fn closed_without_answer(e: &hyper::Error) -> bool {
         })
 }
 
+/// A connection that a [`Pool`] can hold.
+trait Pooled: Send {
+    /// Whether it can take a request now, is still busy with its last one, or is closed.
+    fn check(&self) -> Checked;
+    /// Whether it is known to be closed (without asking the socket).
+    fn is_closed(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    Ready,
+    Busy,
+    Closed,
+}
+
+impl Pooled for Sender {
+    fn check(&self) -> Checked {
+        if self.is_ready() {
+            Checked::Ready
+        } else if Sender::is_closed(self) {
+            Checked::Closed
+        } else {
+            Checked::Busy
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        Sender::is_closed(self)
+    }
+}
+
+impl Pooled for Conn {
+    /// A connection of the proxy's own client goes back only once its exchange is over: it
+    /// is never busy, and unusable means closed.
+    fn check(&self) -> Checked {
+        if self.usable() {
+            Checked::Ready
+        } else {
+            Checked::Closed
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
 /// Idle connections, the most recently used at the back.
 #[derive(Debug)]
-struct Pool {
-    idle: Mutex<VecDeque<Idle>>,
+struct Pool<T> {
+    idle: Mutex<VecDeque<Idle<T>>>,
     /// [`IDLE_TIMEOUT`]; shorter in tests.
     idle_timeout: Duration,
     /// [`MAX_IDLE`]; smaller in tests.
@@ -248,12 +397,12 @@ struct Pool {
 }
 
 #[derive(Debug)]
-struct Idle {
-    sender: Sender,
+struct Idle<T> {
+    conn: T,
     since: Instant,
 }
 
-impl Pool {
+impl<T: Pooled> Pool<T> {
     fn new(idle_timeout: Duration, max_idle: usize) -> Self {
         Self {
             idle: Mutex::default(),
@@ -262,7 +411,7 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<T>>> {
         // The lock is never held across anything that can panic; a poisoned stack of
         // connections is still a stack of connections.
         self.idle
@@ -273,21 +422,24 @@ impl Pool {
     /// The most recently used connection that can take a request now. Closed ones are dropped;
     /// those still finishing their last exchange stay (a few are looked past, then a new
     /// connection is cheaper than searching further).
-    fn checkout(&self) -> Option<Sender> {
+    fn checkout(&self) -> Option<T> {
         const LOOK_PAST: usize = 8;
         let mut idle = self.lock();
         let mut busy = Vec::new();
         let mut found = None;
         while let Some(entry) = idle.pop_back() {
-            if entry.sender.is_ready() {
-                found = Some(entry.sender);
-                break;
-            }
-            if !entry.sender.is_closed() {
-                busy.push(entry);
-                if busy.len() == LOOK_PAST {
+            match entry.conn.check() {
+                Checked::Ready => {
+                    found = Some(entry.conn);
                     break;
                 }
+                Checked::Busy => {
+                    busy.push(entry);
+                    if busy.len() == LOOK_PAST {
+                        break;
+                    }
+                }
+                Checked::Closed => {}
             }
         }
         for entry in busy.into_iter().rev() {
@@ -298,8 +450,8 @@ impl Pool {
 
     /// Puts a connection whose exchange is finished back on the stack, closing the oldest
     /// when there are [`MAX_IDLE`] (after the lock is let go).
-    fn put(&self, sender: Sender) {
-        if sender.is_closed() {
+    fn put(&self, conn: T) {
+        if conn.is_closed() {
             return;
         }
         let surplus = {
@@ -310,7 +462,7 @@ impl Pool {
                 None
             };
             idle.push_back(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
             surplus
@@ -321,7 +473,8 @@ impl Pool {
     /// Closes up to `max` of the connections idle for longer than the idle timeout at `now`,
     /// the oldest first, after the lock is let go. Returns how many it closed.
     fn close_expired(&self, now: Instant, max: usize) -> usize {
-        let expired = |entry: &Idle| now.saturating_duration_since(entry.since) > self.idle_timeout;
+        let expired =
+            |entry: &Idle<T>| now.saturating_duration_since(entry.since) > self.idle_timeout;
         let mut closing = Vec::new();
         {
             let mut idle = self.lock();
@@ -340,7 +493,7 @@ impl Pool {
 
 /// Every `every`, closes up to [`CLOSE_PER_REAP`] expired connections of the pool; ends once the
 /// pool is gone.
-async fn reap(pool: Weak<Pool>, every: Duration) {
+async fn reap<T: Pooled>(pool: Weak<Pool<T>>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -352,55 +505,90 @@ async fn reap(pool: Weak<Pool>, every: Duration) {
     }
 }
 
-/// The upstream's response body: streams through, and hands its connection back to the pool
+/// The upstream's response body: streams through, and hands its connection back to its pool
 /// once read to the end.
 #[derive(Debug)]
-pub(crate) struct ResponseBody {
-    inner: Incoming,
-    sender: Option<Sender>,
-    pool: Arc<Pool>,
+pub(crate) struct ResponseBody(ResponseKind);
+
+#[derive(Debug)]
+enum ResponseKind {
+    Hyper {
+        inner: Incoming,
+        sender: Option<Sender>,
+        pool: Arc<Pool<Sender>>,
+    },
+    Lean(client::Body<Arc<Pool<Conn>>>),
 }
 
-impl ResponseBody {
-    fn release(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.put(sender);
-        }
+impl client::Release for Arc<Pool<Conn>> {
+    fn release(self, conn: Conn) {
+        self.put(conn);
     }
 }
 
 impl HttpBody for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.sender = None,
-            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        match &mut self.get_mut().0 {
+            ResponseKind::Hyper {
+                inner,
+                sender,
+                pool,
+            } => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        if let Some(sender) = sender.take() {
+                            pool.put(sender);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => *sender = None,
+                    Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+                }
+                polled.map(|frame| frame.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+            }
+            ResponseKind::Lean(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            ResponseKind::Hyper { inner, .. } => inner.is_end_stream(),
+            ResponseKind::Lean(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            ResponseKind::Hyper { inner, .. } => inner.size_hint(),
+            ResponseKind::Lean(body) => body.size_hint(),
+        }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body read to its end (or empty from the start) leaves the connection reusable;
-        // one dropped half-read does not, and its sender goes with it.
-        if self.inner.is_end_stream() {
-            self.release();
+        // one dropped half-read does not, and its sender goes with it. (The proxy's own
+        // client's body does the same in its own `Drop`.)
+        if let ResponseKind::Hyper {
+            inner,
+            sender,
+            pool,
+        } = &mut self.0
+        {
+            if inner.is_end_stream() {
+                if let Some(sender) = sender.take() {
+                    pool.put(sender);
+                }
+            }
         }
     }
 }
@@ -508,7 +696,7 @@ mod tests {
     }
 
     /// Puts `n` new connections to `addr` in the pool, one after the other.
-    async fn fill(pool: &Pool, addr: std::net::SocketAddr, n: usize) {
+    async fn fill(pool: &Pool<Sender>, addr: std::net::SocketAddr, n: usize) {
         for _ in 0..n {
             pool.put(connection(addr).await);
         }
@@ -581,14 +769,14 @@ mod tests {
             pins: Vec::new(),
         };
         let mut upstream = Upstream::new(&config).unwrap();
-        upstream.pool = Arc::new(Pool::new(Duration::from_millis(50), MAX_IDLE));
+        upstream.lean = Arc::new(Pool::new(Duration::from_millis(50), MAX_IDLE));
         let request = Request::get("/")
             .body(Either::Right(http_body_util::Full::new(Bytes::new())))
             .unwrap();
         let response = upstream.send(request, None, 1024).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(
-            upstream.pool.len(),
+            upstream.lean.len(),
             1,
             "read to the end, the connection is back"
         );
@@ -596,7 +784,7 @@ mod tests {
         // No request follows: only the reaper, within about REAP_EVERY, can close it.
         closed_reaches(&closed, 1).await;
         assert_eq!(closed.load(Ordering::SeqCst), 1);
-        assert_eq!(upstream.pool.len(), 0);
+        assert_eq!(upstream.lean.len(), 0);
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! a route (default deny), run the route's checks cheapest first, then forward with the verified
 //! identity attached. Every rejection leaves through [`crate::problem`].
 
+mod client;
 mod forward;
 pub(crate) mod headers;
 pub mod path;
@@ -77,9 +78,7 @@ impl http_body::Body for Body {
             BodyKind::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
-            BodyKind::Upstream(upstream) => Pin::new(upstream)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            BodyKind::Upstream(upstream) => Pin::new(upstream).poll_frame(cx),
         }
     }
 
