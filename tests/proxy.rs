@@ -512,6 +512,132 @@ async fn raw_upstream(
     (addr, connections)
 }
 
+/// `n` GETs through a proxy in front of a bare upstream that writes `answer` for each, in pieces
+/// of `piece` bytes (closing after it with `close`): the status, body and `x-answer` header
+/// of each, and the upstream connections made.
+async fn answers(
+    answer: &[u8],
+    piece: usize,
+    close: bool,
+    method: &str,
+    n: usize,
+) -> (Vec<(u16, String)>, usize) {
+    let (addr, connections) = raw_upstream(
+        answer.to_vec(),
+        piece,
+        close.then_some(std::time::Duration::ZERO),
+    )
+    .await;
+    let (proxy, _dir) = start_at(addr).await;
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let response = send(method, &proxy.url(&format!("/public/{i}")), &[], Vec::new()).await;
+        seen.push((response.status, response.body));
+    }
+    proxy.stop().await;
+    (seen, connections.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_answers_in_any_pieces_reach_the_client_whole_on_one_connection() {
+    let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
+    for piece in [1, 7, usize::MAX] {
+        let (seen, connections) = answers(answer, piece, false, "GET", 4).await;
+        assert_eq!(
+            seen,
+            vec![(200, "hello world".to_owned()); 4],
+            "pieces of {piece}"
+        );
+        assert_eq!(
+            connections, 1,
+            "pieces of {piece}: the connection is used again"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_answers_are_passed_over_for_the_final_one() {
+    let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok";
+    let (seen, connections) = answers(answer, 5, false, "GET", 3).await;
+    assert_eq!(seen, vec![(201, "ok".to_owned()); 3]);
+    assert_eq!(connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_a_length_ends_with_its_connection() {
+    let (seen, connections) =
+        answers(b"HTTP/1.1 200 OK\r\n\r\nuntil close", 4, true, "GET", 3).await;
+    assert_eq!(seen, vec![(200, "until close".to_owned()); 3]);
+    assert_eq!(connections, 3, "such a connection is never used again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_not_used_again_after_an_answer_it_cannot_trust() {
+    // Bytes after the answer: they are not the next answer.
+    let (seen, connections) = answers(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokJUNK",
+        usize::MAX,
+        false,
+        "GET",
+        3,
+    )
+    .await;
+    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
+    assert_eq!(connections, 3);
+    // A length and chunks both: the chunks decide, and the connection goes.
+    let (seen, connections) = answers(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        usize::MAX,
+        false,
+        "GET",
+        3,
+    )
+    .await;
+    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
+    assert_eq!(connections, 3);
+    // `Connection: close`.
+    let (seen, connections) = answers(
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        usize::MAX,
+        false,
+        "GET",
+        3,
+    )
+    .await;
+    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
+    assert_eq!(connections, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_to_head_has_no_body_and_keeps_the_connection() {
+    let (seen, connections) = answers(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+        usize::MAX,
+        false,
+        "HEAD",
+        3,
+    )
+    .await;
+    assert_eq!(seen, vec![(200, String::new()); 3]);
+    assert_eq!(connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_malformed_answers_are_502() {
+    let malformed: [&[u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    ];
+    for answer in malformed {
+        let (seen, _) = answers(answer, usize::MAX, false, "GET", 1).await;
+        assert_eq!(seen[0].0, 502, "{:?}", String::from_utf8_lossy(answer));
+        assert!(seen[0].1.contains("upstream_unavailable"), "{}", seen[0].1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let (addr, connections) = counting_upstream(false, b"ok").await;
@@ -542,6 +668,16 @@ async fn an_upstream_closing_idle_connections_costs_no_request() {
     }
     // Every answer came on its own connection, and none of the closed ones was used again.
     assert_eq!(connections.load(Ordering::SeqCst), 20);
+    // A POST is never sent twice: a closed connection must be noticed before it is used.
+    for i in 0..20 {
+        let response = send("POST", &proxy.url(&format!("/public/{i}")), &[], Vec::new()).await;
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "POST {i}"
+        );
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 40);
     proxy.stop().await;
 }
 

@@ -198,33 +198,9 @@ impl Conn {
         }
     }
 
-    /// Encodes the request: `Content-Length` is the body's own (any the client sent is
-    /// dropped); `Transfer-Encoding`, hop-by-hop, was removed before.
+    /// Encodes the request (see [`encode_into`]).
     pub(crate) fn encode(&mut self, parts: &http::request::Parts, body: &[u8]) {
-        let wire = &mut self.wire;
-        wire.clear();
-        wire.reserve(256 + body.len());
-        wire.extend_from_slice(parts.method.as_str().as_bytes());
-        wire.push(b' ');
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        wire.extend_from_slice(target.as_bytes());
-        wire.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-                continue;
-            }
-            wire.extend_from_slice(name.as_str().as_bytes());
-            wire.extend_from_slice(b": ");
-            wire.extend_from_slice(value.as_bytes());
-            wire.extend_from_slice(b"\r\n");
-        }
-        if !body.is_empty() || expects_body(&parts.method) {
-            wire.extend_from_slice(b"content-length: ");
-            wire.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-            wire.extend_from_slice(b"\r\n");
-        }
-        wire.extend_from_slice(b"\r\n");
-        wire.extend_from_slice(body);
+        encode_into(&mut self.wire, parts, body);
     }
 
     /// Takes the encoded request, to send on another connection.
@@ -285,6 +261,34 @@ impl Conn {
         let read = std::pin::pin!(self.stream.read_buf(&mut self.buf));
         read.poll(cx).map_err(ClientError::Broken)
     }
+}
+
+/// Encodes a request into `wire`: `Content-Length` is the body's own (any the client sent is
+/// dropped); `Transfer-Encoding`, hop-by-hop, was removed before and is dropped here too.
+fn encode_into(wire: &mut Vec<u8>, parts: &http::request::Parts, body: &[u8]) {
+    wire.clear();
+    wire.reserve(256 + body.len());
+    wire.extend_from_slice(parts.method.as_str().as_bytes());
+    wire.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    wire.extend_from_slice(target.as_bytes());
+    wire.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        wire.extend_from_slice(name.as_str().as_bytes());
+        wire.extend_from_slice(b": ");
+        wire.extend_from_slice(value.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || expects_body(&parts.method) {
+        wire.extend_from_slice(b"content-length: ");
+        wire.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"\r\n");
+    wire.extend_from_slice(body);
 }
 
 /// Methods whose request carries a body by definition: an empty one is sent with
@@ -716,5 +720,252 @@ impl<R: Release> Drop for Body<R> {
         if matches!(self.state, State::Done) {
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, head_request: bool) -> Result<Option<Parsed>, ClientError> {
+        parse_head(&mut BytesMut::from(text.as_bytes()), head_request)
+    }
+
+    fn final_head(text: &str) -> Head {
+        match head(text, false) {
+            Ok(Some(Parsed::Final(head))) => head,
+            other => panic!("not a final head: {:?}", other.map(|p| p.is_some())),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            // Both: the chunks decide, and the connection is not trusted after.
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive, Close\r\n\r\n",
+                Framing::Length(5),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                false,
+            ),
+        ];
+        for (text, framing, reusable) in cases {
+            let head = final_head(text);
+            assert_eq!(
+                (head.framing, head.reusable),
+                (framing, reusable),
+                "{text:?}"
+            );
+        }
+        let both = final_head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert!(
+            !both.headers.contains_key(CONTENT_LENGTH),
+            "a length beside chunks is not passed on"
+        );
+        match head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true) {
+            Ok(Some(Parsed::Final(head))) => {
+                assert_eq!(head.framing, Framing::Empty, "the answer to HEAD")
+            }
+            _ => panic!("no head"),
+        }
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_heads_are_refused() {
+        let refused = [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: ,\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/2.0 200 OK\r\n\r\n",
+        ];
+        for text in refused {
+            assert!(head(text, false).is_err(), "{text:?} was accepted");
+        }
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.push_str(&format!("x-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert!(head(&many, false).is_err(), "over {MAX_HEADERS} fields");
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "v".repeat(MAX_HEAD));
+        assert!(matches!(head(&huge, false), Err(ClientError::HeadTooLarge)));
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_interim_heads_are_skipped() {
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\ncontent-len", false),
+            Ok(None)
+        ));
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"[..],
+        );
+        assert!(matches!(
+            parse_head(&mut buf, false),
+            Ok(Some(Parsed::Interim))
+        ));
+        assert!(matches!(
+            parse_head(&mut buf, false),
+            Ok(Some(Parsed::Interim))
+        ));
+        match parse_head(&mut buf, false) {
+            Ok(Some(Parsed::Final(head))) => {
+                assert_eq!(head.status, StatusCode::CREATED);
+                assert_eq!(head.framing, Framing::Length(2));
+            }
+            _ => panic!("no final head"),
+        }
+        assert_eq!(&buf[..], b"ok", "the body stays in the buffer");
+    }
+
+    /// Decodes `wire` fed in pieces of `piece` bytes.
+    fn dechunk(wire: &[u8], piece: usize) -> Result<(Vec<u8>, BytesMut), ClientError> {
+        let mut state = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match state.decode(&mut buf)? {
+                Decoded::Data(data) => out.extend_from_slice(&data),
+                Decoded::End => return Ok((out, buf)),
+                Decoded::NeedMore => {
+                    if fed == wire.len() {
+                        return Err(ClientError::Incomplete);
+                    }
+                    let end = (fed + piece).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_pieces_they_arrive_in() {
+        let wire = b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for piece in [1, 2, 3, 7, wire.len()] {
+            let (body, left) = dechunk(wire, piece).unwrap();
+            assert_eq!(body, b"hello world0123456789", "pieces of {piece}");
+            // What follows the body (as much of "NEXT" as came in the last piece) is left.
+            assert!(b"NEXT".starts_with(&left), "pieces of {piece}: {left:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        let refused: [&[u8]; 8] = [
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\nx: 1\n\r\n",
+        ];
+        for wire in refused {
+            assert!(
+                dechunk(wire, wire.len()).is_err(),
+                "{:?} was accepted",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // The largest size that fits in 16 hexadecimal digits parses.
+        assert_eq!(chunk_size(b"ffffffffffffffff").unwrap(), u64::MAX);
+        // A size line or trailers without end are cut off.
+        let endless = vec![b'1'; MAX_CHUNK_LINE + 2];
+        assert!(dechunk(&endless, 64).is_err());
+        let mut trailers = b"0\r\n".to_vec();
+        trailers
+            .extend(std::iter::repeat_n(b"x-t: 1\r\n".as_slice(), MAX_TRAILERS / 8 + 1).flatten());
+        trailers.extend_from_slice(b"\r\n");
+        assert!(dechunk(&trailers, 512).is_err());
+    }
+
+    #[test]
+    fn the_request_carries_its_own_length() {
+        let (mut parts, ()) = http::Request::post("/a?b=1")
+            .header("host", "up")
+            .header("content-length", "999")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let encode = |parts: &http::request::Parts, body: &[u8]| {
+            let mut wire = Vec::new();
+            encode_into(&mut wire, parts, body);
+            String::from_utf8(wire).unwrap()
+        };
+        assert_eq!(
+            encode(&parts, b"xyz"),
+            "POST /a?b=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 3\r\n\r\nxyz"
+        );
+        assert_eq!(
+            encode(&parts, b""),
+            "POST /a?b=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
+        );
+        parts.method = Method::GET;
+        assert_eq!(
+            encode(&parts, b""),
+            "GET /a?b=1 HTTP/1.1\r\nhost: up\r\n\r\n"
+        );
     }
 }
