@@ -6,9 +6,9 @@
 //! it through channels: five task polls and two channel hand-overs a request, and a `HeaderMap`
 //! copied to send an idempotent request again. Here the request's own task writes the request
 //! and reads the response head, and the response body reads the connection in place
-//! (`bench/README.md`, nineteenth pass: 22% fewer instructions and 6-9% less CPU a public
-//! request). The request goes out as one write of bytes encoded once; sending it again on a new
-//! connection resends those bytes.
+//! (`bench/README.md`, "Hot path, nineteenth pass": 23.6% fewer instructions and 5-10% less
+//! CPU a public request). The request goes out as one write of bytes encoded once; sending it
+//! again on a new connection resends those bytes.
 //!
 //! What it reads is held to RFC 9112, strictly, since a response read wrong leaves the next
 //! response on the connection answering the wrong request:
