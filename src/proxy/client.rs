@@ -462,6 +462,84 @@ fn content_length(headers: &HeaderMap) -> Result<u64, ClientError> {
     length.ok_or(ClientError::InvalidLength)
 }
 
+/// What [`read_response`] read.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ReadResponse {
+    pub status: u16,
+    /// Whether a `Content-Length` header is passed on.
+    pub content_length: bool,
+    /// The body's length if it is delimited by one, `None` for chunks or the connection's end.
+    pub length: Option<u64>,
+    pub chunked: bool,
+    pub reusable: bool,
+    /// The chunked body decoded, when the input held all of it.
+    pub body: Option<Vec<u8>>,
+}
+
+/// Reads `input` as an upstream's answer (to a HEAD request when `head_request`), arriving
+/// `piece` bytes at a time, as [`Conn::round_trip`] and the body do: interim heads skipped,
+/// then the final head, then a chunked body decoded. `Ok(None)` when the input ends first.
+/// For the fuzz target `upstream_response`; the proxy reads through [`Conn`].
+#[doc(hidden)]
+pub fn read_response(
+    input: &[u8],
+    piece: usize,
+    head_request: bool,
+) -> Result<Option<ReadResponse>, String> {
+    let piece = piece.max(1);
+    let mut fed = 0usize;
+    let mut buf = BytesMut::new();
+    let mut feed = |buf: &mut BytesMut| {
+        let end = fed.saturating_add(piece).min(input.len());
+        buf.extend_from_slice(&input[fed..end]);
+        let more = end > fed;
+        fed = end;
+        more
+    };
+    let head = loop {
+        match parse_head(&mut buf, head_request).map_err(|e| e.to_string())? {
+            Some(Parsed::Final(head)) => break head,
+            Some(Parsed::Interim) => continue,
+            None if buf.len() >= MAX_HEAD => return Err(ClientError::HeadTooLarge.to_string()),
+            None => {
+                if !feed(&mut buf) {
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let mut read = ReadResponse {
+        status: head.status.as_u16(),
+        content_length: head.headers.contains_key(CONTENT_LENGTH),
+        length: match head.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::Chunked | Framing::UntilClose => None,
+        },
+        chunked: head.framing == Framing::Chunked,
+        reusable: head.reusable,
+        body: None,
+    };
+    if read.chunked {
+        let mut state = Chunked::Size;
+        let mut body = Vec::new();
+        loop {
+            match state.decode(&mut buf).map_err(|e| e.to_string())? {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::End => break,
+                Decoded::NeedMore => {
+                    if !feed(&mut buf) {
+                        return Ok(Some(read));
+                    }
+                }
+            }
+        }
+        read.body = Some(body);
+    }
+    Ok(Some(read))
+}
+
 /// Where the body is.
 #[derive(Debug)]
 enum State {

@@ -8,6 +8,10 @@ pub(crate) mod headers;
 pub mod path;
 mod upstream_tls;
 
+/// The upstream response reader, for the fuzz target `upstream_response`.
+#[doc(hidden)]
+pub use client::{read_response, ReadResponse};
+
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
