@@ -573,39 +573,25 @@ async fn an_answer_without_a_length_ends_with_its_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_not_used_again_after_an_answer_it_cannot_trust() {
-    // Bytes after the answer: they are not the next answer.
-    let (seen, connections) = answers(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokJUNK",
-        usize::MAX,
-        false,
-        "GET",
-        3,
-    )
-    .await;
-    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
-    assert_eq!(connections, 3);
-    // A length and chunks both: the chunks decide, and the connection goes.
-    let (seen, connections) = answers(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-        usize::MAX,
-        false,
-        "GET",
-        3,
-    )
-    .await;
-    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
-    assert_eq!(connections, 3);
-    // `Connection: close`.
-    let (seen, connections) = answers(
-        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
-        usize::MAX,
-        false,
-        "GET",
-        3,
-    )
-    .await;
-    assert_eq!(seen, vec![(200, "ok".to_owned()); 3]);
-    assert_eq!(connections, 3);
+    let untrusted: [(&str, &[u8]); 3] = [
+        (
+            "bytes after the answer: they are not the next answer",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokJUNK",
+        ),
+        (
+            "a length and chunks both: the chunks decide, and the connection goes",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ),
+        (
+            "Connection: close",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        ),
+    ];
+    for (case, answer) in untrusted {
+        let (seen, connections) = answers(answer, usize::MAX, false, "GET", 3).await;
+        assert_eq!(seen, vec![(200, "ok".to_owned()); 3], "{case}");
+        assert_eq!(connections, 3, "{case}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -629,7 +629,7 @@ impl Chunked {
 /// Takes a CRLF-ended line (without its CRLF) off the front of `buf`: `None` while no line end
 /// has arrived, an error past `max` bytes or at a bare LF.
 fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, ClientError> {
-    match buf.iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', buf) {
         Some(end) if end == 0 || buf[end - 1] != b'\r' => Err(ClientError::InvalidChunk),
         Some(end) if end - 1 > max => Err(ClientError::InvalidChunk),
         Some(end) => {

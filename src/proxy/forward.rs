@@ -23,8 +23,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::client::{self, ClientError, Conn};
@@ -251,30 +253,28 @@ impl Upstream {
         }
     }
 
-    /// A new connection for the proxy's own client.
-    async fn connect_lean(&self) -> Result<Conn, UpstreamError> {
+    /// Dials the upstream (TCP, and TLS for an `https` upstream), starting the reapers with the
+    /// first connection.
+    async fn dial(&self) -> Result<MaybeHttpsStream<TokioIo<TcpStream>>, UpstreamError> {
         self.start_reapers();
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(UpstreamError::Connect)?;
-        let io = connector
+        connector
             .call(self.address.clone())
             .await
-            .map_err(UpstreamError::Connect)?;
-        Ok(Conn::new(io))
+            .map_err(UpstreamError::Connect)
     }
 
+    /// A new connection for the proxy's own client.
+    async fn connect_lean(&self) -> Result<Conn, UpstreamError> {
+        Ok(Conn::new(self.dial().await?))
+    }
+
+    /// A new connection for hyper's client, its task spawned.
     async fn connect(&self) -> Result<Sender, UpstreamError> {
-        self.start_reapers();
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(UpstreamError::Connect)?;
-        let io = connector
-            .call(self.address.clone())
-            .await
-            .map_err(UpstreamError::Connect)?;
+        let io = self.dial().await?;
         let (sender, connection) = self.builder.handshake(Coalesced(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
