@@ -673,6 +673,40 @@ async fn https_upstreams_are_verified_against_their_ca_and_pins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_upstream_connection_is_used_again_after_its_session_tickets() {
+    let ca = Ca::new("upstream CA");
+    let cert = ca.issue("localhost", &["localhost"], &[], Usage::Server, false);
+    let (addr, handshakes) = support::pki::https_upstream_counted(&cert).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca");
+    let proxy = start_with_upstream(
+        &format!(
+            "[upstream]\nurl = \"https://localhost:{}\"\nca = \"{}\"\n",
+            addr.port(),
+            ca_file.display()
+        ),
+        dir.path(),
+    )
+    .await;
+    // One request after another: each finds the connection the last one read to its end, the
+    // tickets the upstream sent after its handshake taken in on the way.
+    for i in 0..20 {
+        let response = get(&proxy.url(&format!("/x{i}")), &[]).await;
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "tls upstream"),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "TLS handshakes with the upstream for 20 requests in a row"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_style_symlink_swap_is_picked_up() {
     use std::os::unix::fs::symlink;
     let pki = pki();

@@ -237,10 +237,19 @@ impl TlsClient {
 
 /// A real HTTPS upstream presenting `cert`: answers 200 `tls upstream` to every request.
 pub async fn https_upstream(cert: &Issued) -> SocketAddr {
+    https_upstream_counted(cert).await.0
+}
+
+/// [`https_upstream`], and the number of TLS handshakes it has completed so far.
+pub async fn https_upstream_counted(
+    cert: &Issued,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
     use hyper::service::service_fn;
     let chain = vec![CertificateDer::from(cert.der.clone())];
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -248,6 +257,9 @@ pub async fn https_upstream(cert: &Issued) -> SocketAddr {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
+    // TLS 1.3 session tickets, sent after the handshake: records the client reads on a
+    // connection it may want to use again.
+    config.send_tls13_tickets = 2;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -257,10 +269,12 @@ pub async fn https_upstream(cert: &Issued) -> SocketAddr {
                 continue;
             };
             let acceptor = acceptor.clone();
+            let counted = counted.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let service = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(
                         http_body_util::Full::new(Bytes::from_static(b"tls upstream")),
@@ -272,5 +286,5 @@ pub async fn https_upstream(cert: &Issued) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, handshakes)
 }
