@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side by side (issue 6): portcullis against nginx proxy_pass and HAProxy 2.6 (plain and
-# jwt_verify RS256 + exp/iss/aud), one worker thread each, in one run with alternating rounds.
+# Side by side (issue 6): portcullis against nginx proxy_pass and HAProxy 2.6 (plain, plain with
+# the forwarding headers portcullis sends, and jwt_verify RS256 + exp/iss/aud), one worker thread
+# each, in one run with alternating rounds.
 #
 #   bash bench/compare.sh                          # full run: DURATION=10s ROUNDS=3
 #   DURATION=2s ROUNDS=1 nice -n 10 bash bench/compare.sh   # a smoke test
@@ -8,13 +9,13 @@
 # Environment (defaults in brackets):
 #   PORTCULLIS [target-release/release/portcullis of this worktree]   the proxy's release binary
 #   LOADGEN [bench/loadgen/target/release/loadgen] (built when missing)
-#   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i"]
+#   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i j"]
 #   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i), with HAProxy plain and
 #                jwt_verify, (f) and (h) in the same rounds); RATE=0 skips it
 #   BUSY [1]     the fixed-rate rounds once more with busy polling: HAProxy jwt_verify with
 #                `busy-polling` and (i) with `busy_poll = true`, each alone on the proxies' core
 #   MEM [1]      RSS with 1,000 idle keep-alive connections and a full verified cache
-#   WRK [1]      one wrk reference round of the plain targets (a, b, c, e)
+#   WRK [1]      one wrk reference round of the plain targets (a, b, c, j, e)
 #   PORT_BASE [27100]  ports PORT_BASE .. PORT_BASE+40 on 127.0.0.1 must be free
 #   DIR [/tmp/portcullis-compare]  work files; OUT [bench/results] report and raw JSON
 #
@@ -34,7 +35,7 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 TOKENS=${TOKENS:-200000}
-TARGETS=${TARGETS:-"a b c d e f g h i"}
+TARGETS=${TARGETS:-"a b c d e f g h i j"}
 RATE=${RATE:-5000}
 RATE_ROUNDS=${RATE_ROUNDS:-$ROUNDS}
 BUSY=${BUSY:-1}
@@ -83,6 +84,7 @@ NGINX_PORT=$((PORT_BASE + 1))
 HA_PLAIN_PORT=$((PORT_BASE + 2))
 HA_JWT_PORT=$((PORT_BASE + 3))
 REDIS_PORT=$((PORT_BASE + 4))
+HA_SAME_PORT=$((PORT_BASE + 7))    # (j); PORT_BASE+5, +6 and +8: the busy-polling HAProxy's
 # portcullis: e f g h i mem -> listen PORT_BASE+10.., admin PORT_BASE+30..
 for p in $(seq "$PORT_BASE" $((PORT_BASE + 40))); do
   if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use; set PORT_BASE" >&2; exit 1; fi
@@ -204,7 +206,7 @@ fill "$TPL/nginx-proxy.conf" PORT=$NGINX_PORT > nginx-proxy.conf
 taskset -c "$SERVER_CPU" nginx -c "$DIR/nginx-proxy.conf" -g 'daemon off;' &
 NGINX_PID=$!; pids+=($NGINX_PID)
 
-fill "$TPL/haproxy.cfg" PLAIN_PORT=$HA_PLAIN_PORT JWT_PORT=$HA_JWT_PORT > haproxy.cfg
+fill "$TPL/haproxy.cfg" PLAIN_PORT=$HA_PLAIN_PORT JWT_PORT=$HA_JWT_PORT SAME_PORT=$HA_SAME_PORT > haproxy.cfg
 haproxy -c -q -f haproxy.cfg
 taskset -c "$SERVER_CPU" haproxy -db -f haproxy.cfg > haproxy.log 2>&1 &
 HA_PID=$!; pids+=($HA_PID)
@@ -248,10 +250,11 @@ wait_ready() { # name: /readyz 200 within 20 s (the Redis revocation mirror sync
 for n in e f g h i; do wait_ready "$n"; done
 
 # ---- targets ---------------------------------------------------------------------------------
-declare -A NAME URL ARGS PID
+declare -A NAME URL ARGS PID FORWARDED
 NAME[a]="direct upstream (nginx return 200)";    URL[a]=http://127.0.0.1:$UP_PORT/public;        ARGS[a]="";  PID[a]=$UP_PID
 NAME[b]="nginx proxy_pass";                      URL[b]=http://127.0.0.1:$NGINX_PORT/public;     ARGS[b]="";  PID[b]=$NGINX_PID
 NAME[c]="HAProxy plain";                         URL[c]=http://127.0.0.1:$HA_PLAIN_PORT/public;  ARGS[c]="";  PID[c]=$HA_PID
+NAME[j]="HAProxy plain + portcullis's forwarding headers and request id"; URL[j]=http://127.0.0.1:$HA_SAME_PORT/public; ARGS[j]=""; PID[j]=$HA_PID
 NAME[d]="HAProxy jwt_verify RS256 + exp/iss/aud"; URL[d]=http://127.0.0.1:$HA_JWT_PORT/api/jwt;  ARGS[d]="--tokens $DIR/tokens.txt"; PID[d]=$HA_PID
 NAME[e]="portcullis public route";               URL[e]=http://127.0.0.1:${PC_PORT[e]}/public;   ARGS[e]="";  PID[e]=${PC_PID[e]}
 NAME[f]="portcullis JWT RS256, unique tokens, verified_cache = 0"; URL[f]=http://127.0.0.1:${PC_PORT[f]}/api/jwt; ARGS[f]="--tokens $DIR/tokens.txt"; PID[f]=${PC_PID[f]}
@@ -283,10 +286,23 @@ for t in h i; do
   check "($t) token, wrong signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $GOOD" \
     -H 'X-Signature: Signature v1, keyId="bench-1", ts="'"$now"'", nonce="abcdefghijklmnopqrst", signature="'"$(printf '0%.0s' $(seq 64))"'"'
 done
-for t in a b c e; do check "($t) plain" 200 "${URL[$t]}"; done
+for t in a b c e j; do check "($t) plain" 200 "${URL[$t]}"; done
+# (j) is a fair yardstick for (e) only if both send the upstream the same headers and return
+# the request id: the upstream's /public/forwarded echoes what it received.
+for t in e j; do
+  seen=$(curl -s "${URL[$t]%/public}/public/forwarded")
+  case "$seen" in
+    *"xff= "*|*"xfp= "*|*"xfh= "*|*"rid=") echo "CHECK FAILED: ($t) upstream saw: $seen" >&2; exit 1 ;;
+  esac
+  curl -s -o /dev/null -D - "${URL[$t]}" | grep -qi '^x-request-id: .' \
+    || { echo "CHECK FAILED: ($t) returns no x-request-id" >&2; exit 1; }
+  echo "  ($t) upstream saw: $seen; x-request-id returned" >&2
+  FORWARDED[$t]=$seen
+done
 {
   echo "curl checks passed at $(date -u +%FT%TZ): (d) (f) (g): loadgen token 200, openssl-made token 200;"
   echo "expired, wrong iss, wrong aud, altered signature, signed by another RSA key, no token: 401/403. (h) (i): token without or with a wrong signature: 401/403."
+  echo "(e) and (j) return x-request-id; the upstream saw from (e): ${FORWARDED[e]}; from (j): ${FORWARDED[j]}"
 } > "$RAW/checks.txt"
 
 # ---- measurement -----------------------------------------------------------------------------
@@ -309,10 +325,10 @@ log "warm-up (2 s each, not reported)"
 for t in $TARGETS; do lg "$t" -c "$CONNS" -d 2s > "$DIR/warm-$t.json"; done
 
 # Each target runs right beside the HAProxy it is compared with ((c) beside (e), (d) beside
-# (f)), and every second round runs in the reverse order (ABBA): a machine that speeds up or
+# (f); (j), the same-headers HAProxy, next to (c)), and every second round runs in the reverse order (ABBA): a machine that speeds up or
 # slows down during the run then favours neither side of a ratio.
 ORDER=""
-for t in a b c e d f g h i; do case " $TARGETS " in *" $t "*) ORDER="$ORDER $t" ;; esac; done
+for t in a b j c e d f g h i; do case " $TARGETS " in *" $t "*) ORDER="$ORDER $t" ;; esac; done
 REVERSED=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' ')
 
 TSV=$RAW/runs.tsv; : > "$TSV"
@@ -423,7 +439,7 @@ BUSY_MD=""
 if [ "$RATE" != 0 ] && [ "$BUSY" = 1 ]; then
   log "fixed rate $RATE/s with busy polling: HAProxy jwt_verify (busy-polling), (i) (busy_poll), $RATE_ROUNDS rounds"
   sed -e 's/^  nbthread 1$/  nbthread 1\n  busy-polling/' -e "s/:$HA_PLAIN_PORT\$/:$((PORT_BASE + 5))/" \
-      -e "s/:$HA_JWT_PORT\$/:$((PORT_BASE + 6))/" haproxy.cfg > haproxy-busy.cfg
+      -e "s/:$HA_JWT_PORT\$/:$((PORT_BASE + 6))/" -e "s/:$HA_SAME_PORT\$/:$((PORT_BASE + 8))/" haproxy.cfg > haproxy-busy.cfg
   grep -q busy-polling haproxy-busy.cfg || { echo "haproxy-busy.cfg: no busy-polling line" >&2; exit 1; }
   haproxy -c -q -f haproxy-busy.cfg
   URL[dbusy]=http://127.0.0.1:$((PORT_BASE + 6))/api/jwt; ARGS[dbusy]=${ARGS[d]}
@@ -508,7 +524,7 @@ WRK_MD=""
 if [ "$WRK" = 1 ]; then
   log "wrk reference (one round, plain targets)"
   WRK_MD="| target | wrk req/s | p50 | p99 | non-2xx / socket errors |"$'\n'"| --- | ---: | --- | --- | --- |"
-  for t in a b c e; do
+  for t in a b c j e; do
     out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${URL[$t]}")
     echo "$out" > "$RAW/wrk-$t.txt"
     rps=$(awk '/^Requests\/sec/ { print $2 }' <<< "$out")
