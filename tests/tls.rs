@@ -586,10 +586,18 @@ async fn a_certificate_expiring_within_a_week_is_a_readyz_warning() {
     proxy.stop().await;
 }
 
-async fn start_with_upstream(upstream_section: &str, dir: &Path) -> TestProxy {
+/// A proxy in `dir` with one open route to the HTTPS upstream at `url`, trusted through the CA
+/// file `ca` and, when `pins` is not empty, pinned to those keys.
+async fn start_with_upstream(url: &str, ca: &Path, pins: &[&str], dir: &Path) -> TestProxy {
+    let pins = match pins {
+        [] => String::new(),
+        pins => format!("pins = [\"{}\"]\n", pins.join("\", \"")),
+    };
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{upstream_section}\n\
-         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{url}\"\nca = \"{}\"\n{pins}\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\n",
+        ca.display()
     );
     TestProxy::start(&text, dir, &[]).await
 }
@@ -611,14 +619,7 @@ async fn https_upstreams_are_verified_against_their_ca_and_pins() {
     let url = format!("https://localhost:{}", addr.port());
 
     // Trusted CA, no pins.
-    let proxy = start_with_upstream(
-        &format!(
-            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\n",
-            ca_file.display()
-        ),
-        dir.path(),
-    )
-    .await;
+    let proxy = start_with_upstream(&url, &ca_file, &[], dir.path()).await;
     let response = get(&proxy.url("/x"), &[]).await;
     assert_eq!(
         (response.status, response.body.as_str()),
@@ -627,25 +628,12 @@ async fn https_upstreams_are_verified_against_their_ca_and_pins() {
     proxy.stop().await;
 
     // The right pin passes; a wrong one is 502.
-    let proxy = start_with_upstream(
-        &format!(
-            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\npins = [\"sha256/{pin}\"]\n",
-            ca_file.display()
-        ),
-        dir.path(),
-    )
-    .await;
+    let right = format!("sha256/{pin}");
+    let proxy = start_with_upstream(&url, &ca_file, &[&right], dir.path()).await;
     assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
     proxy.stop().await;
     let wrong = "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    let proxy = start_with_upstream(
-        &format!(
-            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\npins = [\"{wrong}\"]\n",
-            ca_file.display()
-        ),
-        dir.path(),
-    )
-    .await;
+    let proxy = start_with_upstream(&url, &ca_file, &[wrong], dir.path()).await;
     let response = get(&proxy.url("/x"), &[]).await;
     assert_eq!(
         (response.status, response.code().as_str()),
@@ -656,14 +644,7 @@ async fn https_upstreams_are_verified_against_their_ca_and_pins() {
     // An upstream certificate from another CA is refused.
     let other = Ca::new("other CA");
     let other_file = other.write(dir.path(), "other-ca");
-    let proxy = start_with_upstream(
-        &format!(
-            "[upstream]\nurl = \"{url}\"\nca = \"{}\"\n",
-            other_file.display()
-        ),
-        dir.path(),
-    )
-    .await;
+    let proxy = start_with_upstream(&url, &other_file, &[], dir.path()).await;
     let response = get(&proxy.url("/x"), &[]).await;
     assert_eq!(
         (response.status, response.code().as_str()),
@@ -679,15 +660,8 @@ async fn a_tls_upstream_connection_is_used_again_after_its_session_tickets() {
     let (addr, handshakes) = support::pki::https_upstream_counted(&cert).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = ca.write(dir.path(), "upstream-ca");
-    let proxy = start_with_upstream(
-        &format!(
-            "[upstream]\nurl = \"https://localhost:{}\"\nca = \"{}\"\n",
-            addr.port(),
-            ca_file.display()
-        ),
-        dir.path(),
-    )
-    .await;
+    let url = format!("https://localhost:{}", addr.port());
+    let proxy = start_with_upstream(&url, &ca_file, &[], dir.path()).await;
     // One request after another: each finds the connection the last one read to its end, the
     // tickets the upstream sent after its handshake taken in on the way.
     for i in 0..20 {
