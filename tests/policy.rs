@@ -328,7 +328,9 @@ async fn a_redis_that_may_evict_keys_gets_a_warning_at_start() {
     let warnings = eviction_warnings(&warned);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("volatile-lru"), "{}", warnings[0]);
-    // A warning, not a refusal: the proxy serves.
+    // A warning, not a refusal: the proxy serves, once its revocation mirror has synced (until
+    // then it answers 503, failing closed; on a loaded machine that can take over a second).
+    wait_ready(&format!("http://{}/readyz", warned.admin)).await;
     let t = token("user-8", "jti-8", now() - 5);
     assert_eq!(call(warned.addr, "/api", &t).await.status, 200);
     drop(warned);
