@@ -186,9 +186,9 @@ impl Upstream {
         // `yield_now` resumes this task after the runtime has run its other ready tasks and
         // polled the I/O driver; with one request in hand it costs one more poll. It comes
         // before the checkout, so that a pooled connection is found usable just before the
-        // write, not a turn of the runtime earlier. Measured in
-        // bench/README ("twenty-first pass"): JWT RS256 at full load, 0.70 -> 0.06 wake-ups of
-        // the upstream a request and about 10% less CPU a request; a fixed rate is unchanged.
+        // write, not a turn of the runtime earlier. Measured in bench/README ("twenty-first
+        // pass"): JWT RS256 at full load, 0.70 -> 0.06 wake-ups of the upstream a request and
+        // about 10% less CPU a request; a fixed rate is unchanged.
         tokio::task::yield_now().await;
         let head_request = parts.method == Method::HEAD;
         let (mut conn, reused) = match self.lean.checkout() {
