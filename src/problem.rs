@@ -19,7 +19,8 @@ pub enum Rejection {
     /// No route's prefix matches the path: default deny.
     #[error("no route matches {0}")]
     NoRoute(String),
-    /// A route matches the path, but none allows the method.
+    /// A route matches the path, but none allows the method; or the method is CONNECT,
+    /// which is never proxied.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
     /// The body is larger than `server.max_body_bytes`.

@@ -911,3 +911,184 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
 }
+
+/// An HTTPS upstream (certificate `cert`) that answers each request head on a connection with
+/// `answer(i, path)`, the i-th answer on that connection, in one write (one TLS record).
+async fn raw_tls_upstream(
+    cert: &support::pki::Issued,
+    answer: fn(usize, &str) -> Vec<u8>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = support::pki::server_acceptor(cert);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut seen, mut buf, mut i) = (Vec::new(), [0u8; 4096], 0);
+                while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        seen.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                        if tls.write_all(&answer(i, &path)).await.is_err() {
+                            return;
+                        }
+                        tls.flush().await.ok();
+                        i += 1;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Over TLS, bytes after an answer must disqualify the connection just as they do over plain
+/// TCP (`a_connection_is_not_used_again_after_an_answer_it_cannot_trust`, "okJUNK"). Here the
+/// first answer (head and body exactly 8 KiB, the proxy's first read) and what follows it come
+/// in one TLS record: what follows stays inside rustls, the proxy's buffer is empty at the end
+/// of the body, and the connection goes back to the pool with those bytes unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_bytes_after_an_answer_are_not_the_next_answer() {
+    use support::pki::{Ca, Usage};
+    fn answer(_i: usize, path: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        if path == "/first" {
+            let head_len = "HTTP/1.1 200 OK\r\ncontent-length: 0000\r\n\r\n".len();
+            let body_len = 8192 - head_len;
+            out.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len:04}\r\n\r\n").as_bytes(),
+            );
+            out.extend(std::iter::repeat_n(b'a', body_len));
+            assert_eq!(out.len(), 8192);
+            // Bytes after the answer: here, an answer of its own.
+            out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled");
+        } else {
+            out.extend_from_slice(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                    path.len()
+                )
+                .as_bytes(),
+            );
+        }
+        out
+    }
+    let ca = Ca::new("upstream CA");
+    let cert = ca.issue("localhost", &["localhost"], &[], Usage::Server, false);
+    let (addr, connections) = raw_tls_upstream(&cert, answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "upstream-ca");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"https://localhost:{}\"\nca = \"{}\"\n\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\n",
+        addr.port(),
+        ca_file.display()
+    );
+    let proxy = TestProxy::start(&text, dir.path(), &[]).await;
+    let first = get(&proxy.url("/first"), &[]).await;
+    assert_eq!((first.status, first.body.len()), (200, 8192 - 41));
+    // Another client's request: it must get the upstream's answer to it.
+    let second = get(&proxy.url("/second"), &[]).await;
+    let third = get(&proxy.url("/third"), &[]).await;
+    proxy.stop().await;
+    assert_eq!(
+        [(second.status, second.body), (third.status, third.body)],
+        [(200, "/second".to_owned()), (200, "/third".to_owned())],
+        "answers landed on the wrong requests"
+    );
+    // The first connection was closed after its answer; the second carried the other two.
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
+/// CONNECT asks for a tunnel: a 2xx answer to it turns the upstream connection into one right
+/// after its head (RFC 9112 section 6.3), so the connection could carry no other request. It
+/// is refused before anything goes upstream, even on a route that takes any method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_and_never_reaches_the_upstream() {
+    let (addr, connections) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        usize::MAX,
+        None,
+    )
+    .await;
+    let (proxy, _dir) = start_at(addr).await;
+    let refused = raw(proxy.addr, "CONNECT /public/tunnel HTTP/1.1", b"").await;
+    let authority_form = raw(proxy.addr, "CONNECT example.com:443 HTTP/1.1", b"").await;
+    let next = get(&proxy.url("/public/next"), &[]).await;
+    proxy.stop().await;
+    assert_eq!(refused.status, 405);
+    assert_eq!(refused.code(), "method_not_allowed");
+    assert_eq!(authority_form.status, 405);
+    assert_eq!(authority_form.code(), "method_not_allowed");
+    assert_eq!(next.status, 200);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "only the GET went upstream"
+    );
+}
+
+/// RFC 9110 section 8.6: a sender must not forward a Content-Length that does not match
+/// `1*DIGIT`; "2, 2" may be accepted but is then to be replaced by "2".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_list_is_passed_on_as_one_number() {
+    let (addr, _) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok".to_vec(),
+        usize::MAX,
+        None,
+    )
+    .await;
+    let (proxy, _dir) = start_at(addr).await;
+    let response = raw(proxy.addr, "GET /public/x HTTP/1.1", b"").await;
+    proxy.stop().await;
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-length"),
+        Some("2"),
+        "{:?}",
+        response.headers
+    );
+}
+
+/// The length of a HEAD answer (what a GET would get) goes on as one number too; one that is not
+/// a number does not go on at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_answer_passes_on_its_length_as_one_number_or_none() {
+    for (stated, passed) in [("5, 5", Some("5")), ("5", Some("5")), ("five", None)] {
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {stated}\r\n\r\n");
+        let (addr, _) = raw_upstream(answer.into_bytes(), usize::MAX, None).await;
+        let (proxy, _dir) = start_at(addr).await;
+        let response = raw(proxy.addr, "HEAD /public/x HTTP/1.1", b"").await;
+        proxy.stop().await;
+        assert_eq!(response.status, 200, "{stated}");
+        assert_eq!(response.header("content-length"), passed, "{stated}");
+    }
+}
+
+/// The same answer over plain TCP: the bytes after an answer that fills the proxy's first read
+/// exactly stay in the socket, where the checkout finds them, and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_bytes_after_an_8k_answer_are_not_the_next_answer() {
+    let mut answer =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 8192 - 41).into_bytes();
+    answer.extend(std::iter::repeat_n(b'a', 8192 - 41));
+    answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled");
+    let (seen, connections) = answers(&answer, usize::MAX, false, "GET", 3).await;
+    assert!(
+        seen.iter().all(|(s, b)| *s == 200 && b.len() == 8192 - 41),
+        "{:?}",
+        seen.iter().map(|(s, b)| (s, b.len())).collect::<Vec<_>>()
+    );
+    assert_eq!(connections, 3);
+}

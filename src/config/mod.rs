@@ -1129,6 +1129,10 @@ impl Validator<'_> {
             for (j, m) in ms.iter().enumerate() {
                 let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
                 match Method::from_bytes(m.as_bytes()) {
+                    Ok(Method::CONNECT) => self.error(
+                        format!("{at}.methods[{j}]"),
+                        "CONNECT asks for a tunnel, which portcullis does not proxy",
+                    ),
                     Ok(method) if valid => out.push(method),
                     _ => self.error(
                         format!("{at}.methods[{j}]"),
@@ -1389,6 +1393,18 @@ mod tests {
             "{e:?}"
         );
         assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn a_route_cannot_allow_connect() {
+        let e = errors(
+            "[[routes]]\nname = \"tunnel\"\npath_prefix = \"/\"\nmethods = [\"GET\", \"CONNECT\"]\n",
+            &[],
+        );
+        assert_eq!(
+            e,
+            ["routes[0].methods[1]: CONNECT asks for a tunnel, which portcullis does not proxy"]
+        );
     }
 
     #[test]

@@ -198,6 +198,17 @@ impl Conn {
         }
     }
 
+    /// Whether the TLS layer holds nothing received and not yet handed on: no decrypted bytes
+    /// waiting to be read, no close_notify. tokio-rustls decrypts whole records but hands on
+    /// only what the read buffer has room for; the rest waits inside rustls, where neither
+    /// `buf` nor the socket shows it. (rustls wants to read only when neither is the case.)
+    fn tls_drained(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(_) => true,
+            Stream::Tls(tls) => tls.get_ref().1.wants_read(),
+        }
+    }
+
     /// Encodes the request (see [`encode_into`]).
     pub(crate) fn encode(&mut self, parts: &http::request::Parts, body: &[u8]) {
         encode_into(&mut self.wire, parts, body);
@@ -391,6 +402,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     }
     let mut reusable = version == 1 && !has_token(&headers, &CONNECTION, "close");
     let framing = if head_request || code == 204 || code == 304 {
+        // No body follows. A 204 states no length (RFC 9110 section 8.6); the length of a
+        // HEAD or 304 answer (what a GET would get) goes on as one number, or not at all.
+        if headers.contains_key(CONTENT_LENGTH) {
+            match content_length(&headers) {
+                Ok(n) if code != 204 => one_content_length(&mut headers, n),
+                _ => {
+                    headers.remove(CONTENT_LENGTH);
+                }
+            }
+        }
         Framing::Empty
     } else if headers.contains_key(TRANSFER_ENCODING) {
         // Length and chunks both: chunks decide, and the connection is not trusted after.
@@ -405,7 +426,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             }
         }
     } else if headers.contains_key(CONTENT_LENGTH) {
-        Framing::Length(content_length(&headers)?)
+        let n = content_length(&headers)?;
+        one_content_length(&mut headers, n);
+        Framing::Length(n)
     } else {
         reusable = false;
         Framing::UntilClose
@@ -460,6 +483,19 @@ fn content_length(headers: &HeaderMap) -> Result<u64, ClientError> {
         }
     }
     length.ok_or(ClientError::InvalidLength)
+}
+
+/// Puts `Content-Length` back as the one number `n` when it came as a list or in several
+/// fields that agree: only `1*DIGIT` is passed on (RFC 9110 section 8.6).
+fn one_content_length(headers: &mut HeaderMap, n: u64) {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let plain = match (values.next(), values.next()) {
+        (Some(value), None) => value.as_bytes().iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !plain {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 /// What [`read_response`] read.
@@ -700,7 +736,7 @@ impl<R: Release> Body<R> {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.reusable && conn.buf.is_empty() {
+        if self.reusable && conn.buf.is_empty() && conn.tls_drained() {
             if let Some(release) = self.release.take() {
                 release.release(conn);
             }

@@ -241,6 +241,11 @@ impl Proxy {
     ) -> Result<Response<Body>, Rejection> {
         let (mut parts, body) = request.into_parts();
         headers::remove_hop_by_hop_and_spoofable(&mut parts.headers);
+        // CONNECT asks for a tunnel, which is not proxied: a 2xx answer to it would make the
+        // upstream connection one (RFC 9112 section 6.3), whatever the route allows.
+        if parts.method == http::Method::CONNECT {
+            return Err(Rejection::MethodNotAllowed(parts.method.to_string()));
+        }
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {

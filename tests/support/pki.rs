@@ -240,13 +240,10 @@ pub async fn https_upstream(cert: &Issued) -> SocketAddr {
     https_upstream_counted(cert).await.0
 }
 
-/// [`https_upstream`], and the number of TLS handshakes it has completed so far.
-pub async fn https_upstream_counted(
-    cert: &Issued,
-) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = handshakes.clone();
-    use hyper::service::service_fn;
+/// A TLS server side for `cert`, with no client authentication. It sends two TLS 1.3 session
+/// tickets after the handshake: records the client reads on a connection it may want to use
+/// again.
+pub fn server_acceptor(cert: &Issued) -> tokio_rustls::TlsAcceptor {
     let chain = vec![CertificateDer::from(cert.der.clone())];
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -257,10 +254,18 @@ pub async fn https_upstream_counted(
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    // TLS 1.3 session tickets, sent after the handshake: records the client reads on a
-    // connection it may want to use again.
     config.send_tls13_tickets = 2;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// [`https_upstream`], and the number of TLS handshakes it has completed so far.
+pub async fn https_upstream_counted(
+    cert: &Issued,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    use hyper::service::service_fn;
+    let acceptor = server_acceptor(cert);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
