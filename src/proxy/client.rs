@@ -40,6 +40,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::headers;
+
 /// Bodies up to this size go on this client (written with the head in one write); larger ones
 /// stream through hyper's client, which reads an early answer while it writes.
 pub(crate) const MAX_INLINE_BODY: usize = 64 * 1024;
@@ -402,16 +404,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     }
     let mut reusable = version == 1 && !has_token(&headers, &CONNECTION, "close");
     let framing = if head_request || code == 204 || code == 304 {
-        // No body follows. A 204 states no length (RFC 9110 section 8.6); the length of a
-        // HEAD or 304 answer (what a GET would get) goes on as one number, or not at all.
-        if headers.contains_key(CONTENT_LENGTH) {
-            match content_length(&headers) {
-                Ok(n) if code != 204 => one_content_length(&mut headers, n),
-                _ => {
-                    headers.remove(CONTENT_LENGTH);
-                }
-            }
-        }
+        // No body follows; the length (what a GET would get) is not checked here but passed
+        // on by `headers::one_content_length`.
         Framing::Empty
     } else if headers.contains_key(TRANSFER_ENCODING) {
         // Length and chunks both: chunks decide, and the connection is not trusted after.
@@ -426,9 +420,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             }
         }
     } else if headers.contains_key(CONTENT_LENGTH) {
-        let n = content_length(&headers)?;
-        one_content_length(&mut headers, n);
-        Framing::Length(n)
+        Framing::Length(headers::content_length(&headers).ok_or(ClientError::InvalidLength)?)
     } else {
         reusable = false;
         Framing::UntilClose
@@ -463,38 +455,6 @@ fn chunked_last(headers: &HeaderMap) -> Result<bool, ClientError> {
     match codings.split_last() {
         Some((last, rest)) if !rest.iter().any(chunked) => Ok(chunked(last)),
         _ => Err(ClientError::InvalidTransferEncoding),
-    }
-}
-
-/// The one length that every `Content-Length` value (and every item of a list) states.
-fn content_length(headers: &HeaderMap) -> Result<u64, ClientError> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(ClientError::InvalidLength);
-            }
-            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            match length {
-                Some(seen) if seen != n => return Err(ClientError::InvalidLength),
-                _ => length = Some(n),
-            }
-        }
-    }
-    length.ok_or(ClientError::InvalidLength)
-}
-
-/// Puts `Content-Length` back as the one number `n` when it came as a list or in several
-/// fields that agree: only `1*DIGIT` is passed on (RFC 9110 section 8.6).
-fn one_content_length(headers: &mut HeaderMap, n: u64) {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let plain = match (values.next(), values.next()) {
-        (Some(value), None) => value.as_bytes().iter().all(u8::is_ascii_digit),
-        _ => false,
-    };
-    if !plain {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
     }
 }
 

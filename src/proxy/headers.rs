@@ -3,7 +3,7 @@
 //! are added after the `Connection`-named headers are gone, so a client cannot use
 //! `Connection: x-auth-subject` to remove what the proxy adds.
 
-use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the non-standard ones proxies still see),
 /// as header names built once: removing by `&str` would parse the name on every request.
@@ -39,6 +39,53 @@ pub(crate) const X_FORWARDED_CLIENT_CERT: HeaderName =
 /// end-to-end by definition and needed by the checks).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
+}
+
+/// The one length that every `Content-Length` value (and every item of a list) states; `None`
+/// when there is none, or one is not a number, or two differ.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match length {
+                Some(seen) if seen != n => return None,
+                _ => length = Some(n),
+            }
+        }
+    }
+    length
+}
+
+/// A response's `Content-Length` as it goes to the client: one number (RFC 9110 section 8.6:
+/// only `1*DIGIT` is passed on), so a list or several fields that agree become that number.
+/// One that is not a number (possible only where no body follows: HEAD, 304) is dropped, and
+/// so is a 204's, which states no length.
+pub(crate) fn one_content_length(headers: &mut HeaderMap, status: http::StatusCode) {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => return,
+        (Some(value), None)
+            if status != http::StatusCode::NO_CONTENT
+                && !value.is_empty()
+                && value.as_bytes().iter().all(u8::is_ascii_digit) =>
+        {
+            return
+        }
+        _ => {}
+    }
+    match content_length(headers) {
+        Some(n) if status != http::StatusCode::NO_CONTENT => {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        _ => {
+            headers.remove(CONTENT_LENGTH);
+        }
+    }
 }
 
 /// Removes hop-by-hop headers as [`remove_hop_by_hop`] does, and every header a client could
@@ -163,6 +210,30 @@ pub(crate) fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_length_goes_on_as_one_number() {
+        use http::StatusCode;
+        let passed = |values: &[&str], status: StatusCode| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+            }
+            one_content_length(&mut h, status);
+            h.get_all(CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(passed(&["12"], StatusCode::OK), ["12"]);
+        assert_eq!(passed(&["0012"], StatusCode::OK), ["0012"]);
+        assert_eq!(passed(&["2, 2"], StatusCode::OK), ["2"]);
+        assert_eq!(passed(&["2", "2"], StatusCode::OK), ["2"]);
+        assert_eq!(passed(&["five"], StatusCode::NOT_MODIFIED), [] as [&str; 0]);
+        assert_eq!(passed(&["2", "3"], StatusCode::OK), [] as [&str; 0]);
+        assert_eq!(passed(&["0"], StatusCode::NO_CONTENT), [] as [&str; 0]);
+        assert_eq!(passed(&[], StatusCode::OK), [] as [&str; 0]);
+    }
 
     #[test]
     fn connection_named_headers_and_hop_by_hop_are_removed() {

@@ -376,6 +376,7 @@ impl Proxy {
             .await?;
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
+        headers::one_content_length(&mut parts.headers, parts.status);
         // The client's connection has its own version; an HTTP/1.0 upstream must not downgrade it.
         parts.version = Version::default();
         for (name, value) in rate_headers {
