@@ -1102,3 +1102,79 @@ async fn plain_bytes_after_an_8k_answer_are_not_the_next_answer() {
     );
     assert_eq!(connections, 3);
 }
+
+/// DESIGN.md, "Identity passed upstream": inbound copies of `x-forwarded-host` are always
+/// removed first. A request that names no host (HTTP/1.0, or HTTP/1.1 without `Host`, which
+/// RFC 9112 section 3.2 says is a 400) must not bring its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_cannot_bring_its_own_x_forwarded_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    for request in [
+        &b"GET /public/old HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n"[..],
+        &b"GET /public/new HTTP/1.1\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n"
+            [..],
+    ] {
+        let before = upstream.count();
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(upstream.count(), before + 1, "not forwarded");
+        assert_eq!(
+            upstream.last().header("x-forwarded-host"),
+            None,
+            "the client's x-forwarded-host reached the upstream: {}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    proxy.stop().await;
+}
+
+/// RFC 9112 section 3.2: a request with more than one `Host` line is a 400. Forwarded, the
+/// upstream gets both, while the proxy checked (and signed-request verification used) the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_two_hosts_is_refused_and_never_forwarded() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let response = raw(
+        proxy.addr,
+        "GET /public/x HTTP/1.1\nHost: a.example\nHost: b.example",
+        b"",
+    )
+    .await;
+    let forwarded: Vec<Vec<String>> = upstream
+        .received()
+        .iter()
+        .map(|r| r.header_all("host").iter().map(|h| h.to_string()).collect())
+        .collect();
+    proxy.stop().await;
+    assert_eq!(forwarded, Vec::<Vec<String>>::new(), "reached the upstream");
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert_eq!(response.code(), "invalid_host");
+}
+
+/// RFC 9113 section 8.2.3: the `cookie` fields of an HTTP/2 request are joined with "; "
+/// before the request goes on over HTTP/1.1 (where a request has one `Cookie` line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_fields_reach_an_http11_upstream_as_one_line() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .get(proxy.url("/public/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let seen = upstream.last();
+    proxy.stop().await;
+    assert_eq!(seen.header_all("cookie"), ["a=1; b=2"]);
+}

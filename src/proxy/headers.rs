@@ -41,6 +41,22 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
+/// An HTTP/2 request's `cookie` fields as the one line an HTTP/1.1 request carries, joined with
+/// "; " (RFC 9113 section 8.2.3).
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let Entry::Occupied(mut cookies) = headers.entry(http::header::COOKIE) else {
+        return;
+    };
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = cookies.iter().map(HeaderValue::as_bytes).collect();
+    // Valid field values joined by "; " make a valid field value.
+    if let Ok(one) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        cookies.insert(one);
+    }
+}
+
 /// The one length that every `Content-Length` value (and every item of a list) states; `None`
 /// when there is none, or one is not a number, or two differ.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -246,6 +246,12 @@ impl Proxy {
         if parts.method == http::Method::CONNECT {
             return Err(Rejection::MethodNotAllowed(parts.method.to_string()));
         }
+        // One `Host` at most (RFC 9112 section 3.2): with two, the checks (a signature covers
+        // the host) could read one and the upstream act on the other.
+        let mut hosts = parts.headers.get_all(HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(Rejection::InvalidHost);
+        }
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {
@@ -325,6 +331,9 @@ impl Proxy {
         uri.path_and_query = target;
         parts.uri = Uri::from_parts(uri)
             .map_err(|_| Rejection::InvalidPath(path::InvalidPath::BrokenEscape))?;
+        if parts.version == Version::HTTP_2 {
+            headers::join_cookies(&mut parts.headers);
+        }
         parts.version = Version::HTTP_11;
         // Room for what is added below (the forwarding headers and the identity), made once:
         // the map hyper parsed is sized for the client's headers, and would otherwise grow,
@@ -341,7 +350,9 @@ impl Proxy {
                     .insert(headers::X_FORWARDED_HOST, authority.clone());
                 parts.headers.insert(HOST, authority);
             }
+            // No host named: none is forwarded either (the client's own is not passed on).
             (None, None) => {
+                parts.headers.remove(headers::X_FORWARDED_HOST);
                 parts.headers.insert(HOST, self.upstream_host.clone());
             }
         }
