@@ -83,22 +83,22 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// so is a 204's, which states no length.
 pub(crate) fn one_content_length(headers: &mut HeaderMap, status: http::StatusCode) {
     let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    match (values.next(), values.next()) {
+    let one = match (values.next(), values.next()) {
         (None, _) => return,
-        (Some(value), None)
-            if status != http::StatusCode::NO_CONTENT
-                && !value.is_empty()
-                && value.as_bytes().iter().all(u8::is_ascii_digit) =>
-        {
-            return
-        }
-        _ => {}
-    }
-    match content_length(headers) {
-        Some(n) if status != http::StatusCode::NO_CONTENT => {
+        (Some(value), None) => Some(value),
+        _ => None,
+    };
+    let length = match one {
+        _ if status == http::StatusCode::NO_CONTENT => None,
+        // The common case, left as it is.
+        Some(v) if !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit) => return,
+        _ => content_length(headers),
+    };
+    match length {
+        Some(n) => {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
         }
-        _ => {
+        None => {
             headers.remove(CONTENT_LENGTH);
         }
     }
