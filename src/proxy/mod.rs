@@ -628,9 +628,9 @@ impl Proxy {
 }
 
 /// Puts the current task at the back of its thread's run queue once, so that the tasks already
-/// queued there (a store's connection task, woken by a command) run before it goes on. Unlike
-/// `tokio::task::yield_now`, whose task is woken only after the scheduler has polled for I/O,
-/// it costs no system call.
+/// queued there (a store's connection task, woken by a command; other requests' checks) run
+/// before it goes on. Unlike `tokio::task::yield_now`, whose task is woken only after the
+/// scheduler has polled for I/O, it costs no system call.
 struct RequeueOnce(bool);
 
 impl Future for RequeueOnce {
