@@ -1104,8 +1104,8 @@ async fn plain_bytes_after_an_8k_answer_are_not_the_next_answer() {
 }
 
 /// DESIGN.md, "Identity passed upstream": inbound copies of `x-forwarded-host` are always
-/// removed first. A request that names no host (HTTP/1.0, or HTTP/1.1 without `Host`, which
-/// RFC 9112 section 3.2 says is a 400) must not bring its own.
+/// removed first. A request that names no host (HTTP/1.0 without `Host`, or one in absolute
+/// form) must not bring its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_host_cannot_bring_its_own_x_forwarded_host() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1113,7 +1113,7 @@ async fn a_request_without_host_cannot_bring_its_own_x_forwarded_host() {
     let (proxy, _dir) = start(&upstream, "").await;
     for request in [
         &b"GET /public/old HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n"[..],
-        &b"GET /public/new HTTP/1.1\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n"
+        &b"GET /public/new HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n"
             [..],
     ] {
         let before = upstream.count();
@@ -1153,6 +1153,39 @@ async fn a_request_with_two_hosts_is_refused_and_never_forwarded() {
     assert_eq!(forwarded, Vec::<Vec<String>>::new(), "reached the upstream");
     assert_eq!(response.status, 400, "{}", response.body);
     assert_eq!(response.code(), "invalid_host");
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without `Host` is a 400 (nginx and Envoy answer it
+/// so); an HTTP/1.0 one is not, and goes upstream with the upstream's host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_request_without_host_is_refused_and_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let mut answers = Vec::new();
+    for request in [
+        &b"GET /public/h11 HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        &b"GET http://a.example/public/abs HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        &b"GET /public/h10 HTTP/1.0\r\n\r\n"[..],
+    ] {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        answers.push(String::from_utf8_lossy(&answer).into_owned());
+    }
+    let forwarded: Vec<String> = upstream
+        .received()
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    proxy.stop().await;
+    for answer in &answers[..2] {
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains(r#""code":"invalid_host""#), "{answer}");
+    }
+    assert!(answers[2].contains(" 200 "), "{}", answers[2]);
+    assert_eq!(forwarded, ["/public/h10"]);
 }
 
 /// RFC 9113 section 8.2.3: the `cookie` fields of an HTTP/2 request are joined with "; "

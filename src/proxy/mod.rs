@@ -246,11 +246,15 @@ impl Proxy {
         if parts.method == http::Method::CONNECT {
             return Err(Rejection::MethodNotAllowed(parts.method.to_string()));
         }
-        // One `Host` at most (RFC 9112 section 3.2): with two, the checks (a signature covers
-        // the host) could read one and the upstream act on the other.
+        // One `Host` (RFC 9112 section 3.2): with two, the checks (a signature covers the host)
+        // could read one and the upstream act on the other; an HTTP/1.1 request without one is
+        // a 400 as well, as nginx and Envoy answer it. HTTP/1.0 may name no host, and HTTP/2
+        // names it in `:authority`.
         let mut hosts = parts.headers.get_all(HOST).iter();
-        if hosts.next().is_some() && hosts.next().is_some() {
-            return Err(Rejection::InvalidHost);
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => return Err(Rejection::InvalidHost),
+            (None, _) if parts.version == Version::HTTP_11 => return Err(Rejection::InvalidHost),
+            _ => {}
         }
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
