@@ -87,10 +87,43 @@ async fn public_route_forwards_with_request_id_and_forwarded_headers() {
     proxy.stop().await;
 }
 
+/// DESIGN.md, "Identity passed upstream": inbound copies of `x-forwarded-for` are removed
+/// first. A client that is not a trusted proxy cannot put an address of its choosing in front
+/// of its own, in one line or in several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn x_forwarded_for_keeps_every_line_sent_and_appends_the_client() {
+async fn a_clients_own_x_forwarded_for_is_replaced_by_its_address() {
     let upstream = Upstream::start().await;
-    let (proxy, _dir) = start(&upstream, "").await;
+    // The default (no trusted proxies), and trusted proxies that do not include the client.
+    for extra in [
+        "",
+        "trusted_proxies = [\"10.0.0.0/8\", \"::1\", \"127.0.0.2\"]",
+    ] {
+        let (proxy, _dir) = start(&upstream, extra).await;
+        for sent in [
+            &[("x-forwarded-for", "203.0.113.7")][..],
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "198.51.100.2, 192.0.2.1"),
+            ][..],
+        ] {
+            let response = get(&proxy.url("/public"), sent).await;
+            assert_eq!(response.status, 200, "{}", response.body);
+            assert_eq!(
+                upstream.last().header_all("x-forwarded-for"),
+                ["127.0.0.1"],
+                "{extra:?} {sent:?}"
+            );
+        }
+        proxy.stop().await;
+    }
+}
+
+/// A load balancer in front, listed in `server.trusted_proxies`: its list is kept, in order,
+/// and the balancer's own address (the proxy's peer) appended, as nginx and Envoy do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxys_x_forwarded_for_is_kept_and_its_address_appended() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "trusted_proxies = [\"127.0.0.0/8\"]").await;
 
     let response = get(&proxy.url("/public"), &[("x-forwarded-for", "203.0.113.7")]).await;
     assert_eq!(response.status, 200, "{}", response.body);

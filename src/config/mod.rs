@@ -5,7 +5,7 @@
 mod raw;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,7 +51,76 @@ pub struct ServerConfig {
     /// nothing to run, as HAProxy's `busy-polling` does. A whole core for lower latency on
     /// machines (VMs above all) where waking up is slow. Needs `threads = 1`.
     pub busy_poll: bool,
+    /// Peers whose `X-Forwarded-For` is kept (the client's address is appended to it): load
+    /// balancers in front of the proxy. From any other peer the header is replaced by the
+    /// peer's own address, as DESIGN.md's "inbound copies are always removed first" has it.
+    pub trusted_proxies: Vec<IpNetwork>,
     pub tls: Option<TlsConfig>,
+}
+
+/// An address or a network (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`) in `server.trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNetwork {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpNetwork {
+    /// Parses `ADDRESS` or `ADDRESS/PREFIX`. An address with bits set beyond its prefix
+    /// (`10.0.0.1/8`) is refused: it is more likely a typo than the network it would mean.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.parse().map_err(|_| {
+            format!("{text:?} is not an IP address or a network such as \"10.0.0.0/8\"")
+        })?;
+        let network = network.to_canonical();
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= bits && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => {
+                    return Err(format!(
+                        "{text:?}: the prefix must be a number from 0 to {bits}"
+                    ))
+                }
+            },
+        };
+        let net = Self { network, prefix };
+        if net.masked(network) != network {
+            return Err(format!(
+                "{text:?} has address bits set beyond its /{prefix} (the network is {}/{prefix})",
+                net.masked(network)
+            ));
+        }
+        Ok(net)
+    }
+
+    /// Whether `ip` is in this network (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.network.is_ipv4() && self.masked(ip) == self.network
+    }
+
+    fn masked(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
 }
 
 /// `[server.tls]`
@@ -618,6 +687,19 @@ impl Validator<'_> {
                 ),
             );
         }
+        let trusted_proxies = raw
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| match IpNetwork::parse(text.trim()) {
+                Ok(net) => Some(net),
+                Err(e) => {
+                    self.error(format!("server.trusted_proxies[{i}]"), e);
+                    None
+                }
+            })
+            .collect();
         let tls = raw.tls.map(|t| self.tls(t));
         ServerConfig {
             listen,
@@ -626,6 +708,7 @@ impl Validator<'_> {
             max_body_bytes,
             header_read_timeout,
             busy_poll,
+            trusted_proxies,
             tls,
         }
     }
@@ -1393,6 +1476,42 @@ mod tests {
             "{e:?}"
         );
         assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = parse(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\", \"0.0.0.0/0\"]\n",
+            &[],
+        )
+        .unwrap();
+        let nets = &c.server.trusted_proxies;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(nets[0].contains(ip("10.255.0.1")));
+        assert!(!nets[0].contains(ip("11.0.0.1")));
+        // An IPv4 client seen through an IPv6 socket is the same client.
+        assert!(nets[0].contains(ip("::ffff:10.1.2.3")));
+        assert!(nets[1].contains(ip("192.0.2.7")));
+        assert!(!nets[1].contains(ip("192.0.2.8")));
+        assert!(nets[2].contains(ip("fd12::1")));
+        assert!(!nets[2].contains(ip("fe80::1")));
+        assert!(!nets[2].contains(ip("10.0.0.1")));
+        assert!(nets[3].contains(ip("203.0.113.9")));
+        assert!(!nets[3].contains(ip("::1")));
+        assert!(parse("", &[]).unwrap().server.trusted_proxies.is_empty());
+
+        let e = errors(
+            "[server]\ntrusted_proxies = [\"10.0.0.1/8\", \"10.0.0.0/33\", \"::/+8\", \"lb.internal\"]\n",
+            &[],
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e[0].starts_with("server.trusted_proxies[0]: \"10.0.0.1/8\" has address bits set beyond its /8 (the network is 10.0.0.0/8)"),
+            "{e:?}"
+        );
+        assert!(e[1].contains("from 0 to 32"), "{e:?}");
+        assert!(e[2].contains("from 0 to 128"), "{e:?}");
+        assert!(e[3].contains("is not an IP address"), "{e:?}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) struct RawServer {
     pub(crate) max_body_bytes: Option<i64>,
     pub(crate) header_read_timeout: Option<String>,
     pub(crate) busy_poll: Option<bool>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) tls: Option<RawTls>,
 }
 

@@ -369,10 +369,16 @@ impl Proxy {
                 &cert.xfcc,
             );
         }
+        // A client's own `X-Forwarded-For` is replaced by its address (DESIGN.md: inbound
+        // copies are removed first); only a trusted proxy's list is kept, and extended.
         match parts.headers.entry(headers::X_FORWARDED_FOR) {
             Entry::Occupied(mut earlier) => {
-                let forwarded_for = forwarded_for(earlier.iter(), conn);
-                // Replaces every line sent with the one list.
+                let forwarded_for = if self.trusts(conn) {
+                    forwarded_for(earlier.iter(), conn)
+                } else {
+                    conn.peer_ip.clone()
+                };
+                // Replaces every line sent with the one value.
                 earlier.insert(forwarded_for);
             }
             Entry::Vacant(none) => {
@@ -607,6 +613,12 @@ impl Proxy {
             body_sha256_hex: body_sha256,
         };
         Ok(self.signatures.verify(header, request, SystemTime::now())?)
+    }
+
+    /// Whether the connection's peer is one of `server.trusted_proxies`.
+    fn trusts(&self, conn: &ConnectionInfo) -> bool {
+        let trusted = &self.config.server.trusted_proxies;
+        !trusted.is_empty() && trusted.iter().any(|net| net.contains(conn.peer.ip()))
     }
 
     /// Records a verified signature's nonce once: a second use is a replay.
