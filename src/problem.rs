@@ -29,9 +29,10 @@ pub enum Rejection {
     /// The client's body broke off before its end.
     #[error("the request body broke off before its end")]
     BodyIncomplete,
-    /// More than one `Host` header (RFC 9112 section 3.2).
-    #[error("the request has more than one Host header")]
-    InvalidHost,
+    /// More than one `Host` header, or none in an HTTP/1.1 request (RFC 9112 section 3.2);
+    /// the text says which.
+    #[error("{0}")]
+    InvalidHost(&'static str),
     /// The route accepts other content types.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -63,7 +64,7 @@ impl Rejection {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::BodyIncomplete => "body_incomplete",
-            Self::InvalidHost => "invalid_host",
+            Self::InvalidHost(_) => "invalid_host",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::RateLimited { .. } => "rate_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
@@ -104,7 +105,7 @@ impl Rejection {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BodyIncomplete | Self::InvalidHost => StatusCode::BAD_REQUEST,
+            Self::BodyIncomplete | Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{Entry, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{Entry, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -252,8 +252,16 @@ impl Proxy {
         // names it in `:authority`.
         let mut hosts = parts.headers.get_all(HOST).iter();
         match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return Err(Rejection::InvalidHost),
-            (None, _) if parts.version == Version::HTTP_11 => return Err(Rejection::InvalidHost),
+            (Some(_), Some(_)) => {
+                return Err(Rejection::InvalidHost(
+                    "the request has more than one Host header",
+                ))
+            }
+            (None, _) if parts.version == Version::HTTP_11 => {
+                return Err(Rejection::InvalidHost(
+                    "an HTTP/1.1 request must have a Host header",
+                ))
+            }
             _ => {}
         }
 
@@ -270,7 +278,7 @@ impl Proxy {
         };
 
         let limit = self.config.server.max_body_bytes;
-        if let Some(length) = content_length(&parts.headers) {
+        if let Some(length) = headers::content_length(&parts.headers) {
             if length > limit {
                 return Err(Rejection::BodyTooLarge(limit));
             }
@@ -617,8 +625,12 @@ impl Proxy {
 
     /// Whether the connection's peer is one of `server.trusted_proxies`.
     fn trusts(&self, conn: &ConnectionInfo) -> bool {
-        let trusted = &self.config.server.trusted_proxies;
-        !trusted.is_empty() && trusted.iter().any(|net| net.contains(conn.peer.ip()))
+        let peer = conn.peer.ip();
+        self.config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(peer))
     }
 
     /// Records a verified signature's nonce once: a second use is a replay.
@@ -797,13 +809,6 @@ fn forwarded_for<'a>(
     // The client's address as made once for the connection.
     list.extend_from_slice(conn.peer_ip.as_bytes());
     HeaderValue::from_bytes(&list).unwrap_or_else(|_| conn.peer_ip.clone())
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 fn check_content_type(route: &Route, headers: &http::HeaderMap) -> Result<(), Rejection> {

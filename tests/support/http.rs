@@ -123,14 +123,21 @@ impl RawResponse {
 /// Sends `head` (request line and headers, without the final blank line) and `body` byte for
 /// byte over a new connection, so that paths reach the proxy exactly as written.
 pub async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> RawResponse {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut request = head.replace('\n', "\r\n");
     if !request.to_ascii_lowercase().contains("\r\nhost:") {
         request.push_str("\r\nHost: test.local");
     }
     request.push_str("\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    raw_exact(addr, &request).await
+}
+
+/// Sends `request` exactly as given (no `Host` or `Connection` added, for requests that must
+/// lack them) over a new connection and reads the answer until the proxy closes it.
+pub async fn raw_exact(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await.unwrap();
     parse_response(&buf)
