@@ -1209,6 +1209,50 @@ async fn an_http11_request_without_host_is_refused_and_never_forwarded() {
     assert_eq!(forwarded, ["/public/h10"]);
 }
 
+/// RFC 9112 section 3.2.2: a request in absolute form names its host in the target, and a
+/// `Host` line beside it is ignored: the upstream gets the target's authority, in `Host` and
+/// `X-Forwarded-Host`, whatever the HTTP version. User information in the target is a 400
+/// (RFC 9110 section 4.2.4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_targets_authority_is_the_host() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let mut answers = Vec::new();
+    for request in [
+        &b"GET http://a.example/public/abs11?q=1 HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n"[..],
+        &b"GET http://c.example:8080/public/abs10 HTTP/1.0\r\nHost: d.example\r\n\r\n"[..],
+        &b"GET http://e.example/public/abs10-no-host HTTP/1.0\r\n\r\n"[..],
+        &b"GET http://user:pw@a.example/public/userinfo HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"[..],
+    ] {
+        answers.push(raw_exact(proxy.addr, request).await);
+    }
+    let forwarded: Vec<(String, String, String)> = upstream
+        .received()
+        .iter()
+        .map(|r| {
+            let header = |name| r.header(name).unwrap_or("-").to_owned();
+            (r.target.clone(), header("host"), header("x-forwarded-host"))
+        })
+        .collect();
+    proxy.stop().await;
+    for answer in &answers[..3] {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    assert_eq!(answers[3].status, 400, "{}", answers[3].body);
+    assert_eq!(answers[3].code(), "invalid_host");
+    assert_eq!(
+        answers[3].json()["detail"],
+        "the request target names user information"
+    );
+    let expected = [
+        ("/public/abs11?q=1", "a.example", "a.example"),
+        ("/public/abs10", "c.example:8080", "c.example:8080"),
+        ("/public/abs10-no-host", "e.example", "e.example"),
+    ]
+    .map(|(t, h, f)| (t.to_owned(), h.to_owned(), f.to_owned()));
+    assert_eq!(forwarded, expected);
+}
+
 /// RFC 9113 section 8.2.3: the `cookie` fields of an HTTP/2 request are joined with "; "
 /// before the request goes on over HTTP/1.1 (where a request has one `Cookie` line).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,6 +317,48 @@ async fn any_changed_line_is_a_mismatch_that_shows_the_string_to_sign() {
     proxy.stop().await;
 }
 
+/// A request in absolute form names its host in the target (RFC 9112 section 3.2.2): the
+/// signature is checked against that host, the one the upstream gets, not against a `Host`
+/// line sent beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_request_is_signed_for_the_targets_host() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&config(&upstream, ""), dir.path(), &env()).await;
+    let absolute = |s: &Signed, host_line: &str| {
+        format!(
+            "{} http://{}{} HTTP/1.1\nHost: {host_line}\nAuthorization: {}\nContent-Length: 0",
+            s.method, s.host, s.target, s.header
+        )
+    };
+
+    let s = signed("GET", "/signed/abs?q=1", "api.example", b"");
+    let response = raw(proxy.addr, &absolute(&s, "other.example"), b"").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last();
+    assert_eq!(seen.header("host"), Some("api.example"));
+    assert_eq!(seen.target, "/signed/abs?q=1");
+
+    // Signed for the Host line instead: the proxy computed the string to sign with the target's.
+    let s = signed("GET", "/signed/abs?q=2", "other.example", b"");
+    let mut target_elsewhere = s.clone();
+    target_elsewhere.host = "api.example".into();
+    let response = raw(
+        proxy.addr,
+        &absolute(&target_elsewhere, "other.example"),
+        b"",
+    )
+    .await;
+    assert_refused(&response, 401, "signature_mismatch");
+    let shown = response.json()["string_to_sign"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(shown.split('\n').nth(3), Some("api.example"), "{shown}");
+    assert_eq!(upstream.count(), 1);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_keys_of_a_rotating_client_pass_and_an_expired_key_does_not() {
     let upstream = Upstream::start().await;

@@ -264,6 +264,21 @@ impl Proxy {
             }
             _ => {}
         }
+        // A target with an authority (the absolute form, or HTTP/2's `:authority`) names the
+        // host, and a `Host` line beside it is ignored (RFC 9112 section 3.2.2, RFC 9113
+        // section 8.3.1): it becomes the `Host` that the checks read and the upstream gets.
+        if let Some(authority) = parts.uri.authority() {
+            // RFC 9110 section 4.2.4: user information in an http(s) URI is an error.
+            if authority.as_str().contains('@') {
+                return Err(Rejection::InvalidHost(
+                    "the request target names user information",
+                ));
+            }
+            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+                Rejection::InvalidHost("the request target's authority is not a valid host")
+            })?;
+            parts.headers.insert(HOST, host);
+        }
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {
@@ -330,15 +345,6 @@ impl Proxy {
                 )
             }
         };
-        let sent_host = parts.headers.get(HOST).cloned();
-        // HTTP/2 carries the host in :authority, and no Host header.
-        let authority = match sent_host {
-            Some(_) => None,
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
         let mut uri = http::uri::Parts::default();
         uri.path_and_query = target;
         parts.uri = Uri::from_parts(uri)
@@ -351,19 +357,13 @@ impl Proxy {
         // the map hyper parsed is sized for the client's headers, and would otherwise grow,
         // rehashing, as they go in.
         parts.headers.reserve(ADDED_HEADERS);
-        match (sent_host, authority) {
-            // `Host` goes upstream as it is.
-            (Some(host), _) => {
+        match parts.headers.get(HOST).cloned() {
+            // `Host` (the target's authority where it has one) goes upstream as it is.
+            Some(host) => {
                 parts.headers.insert(headers::X_FORWARDED_HOST, host);
             }
-            (None, Some(authority)) => {
-                parts
-                    .headers
-                    .insert(headers::X_FORWARDED_HOST, authority.clone());
-                parts.headers.insert(HOST, authority);
-            }
             // No host named: none is forwarded either (the client's own is not passed on).
-            (None, None) => {
+            None => {
                 parts.headers.remove(headers::X_FORWARDED_HOST);
                 parts.headers.insert(HOST, self.upstream_host.clone());
             }
@@ -604,11 +604,11 @@ impl Proxy {
         body_sha256: &str,
     ) -> Result<VerifiedSignature, Rejection> {
         let header = signature_header(&parts.headers)?;
+        // `process` has put the target's authority, where there is one, in `Host`.
         let host = parts
             .headers
             .get(HOST)
             .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
         let target = parts
             .uri
