@@ -105,7 +105,8 @@ pub(crate) fn one_content_length(headers: &mut HeaderMap, status: http::StatusCo
 }
 
 /// Removes hop-by-hop headers as [`remove_hop_by_hop`] does, and every header a client could
-/// use to pose as a verified identity: `x-auth-*` and `x-forwarded-client-cert`.
+/// use to pose as a verified identity: `x-auth-*` and `x-forwarded-client-cert`, and the
+/// names the proxy sets spelled with `_` for `-` (`X_Auth_Subject`, `X_Forwarded_For`).
 pub(crate) fn remove_hop_by_hop_and_spoofable(headers: &mut HeaderMap) {
     strip(headers, true);
 }
@@ -138,7 +139,36 @@ fn strip(headers: &mut HeaderMap, spoofable: bool) {
 }
 
 fn is_spoofable(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-auth-") || *name == X_FORWARDED_CLIENT_CERT
+    let name = name.as_str();
+    name.starts_with("x-auth-")
+        || name == X_FORWARDED_CLIENT_CERT.as_str()
+        || (name.contains('_') && is_lookalike(name))
+}
+
+/// Whether `name`, with `_` read as `-`, is one the proxy sets: CGI and WSGI servers map
+/// `X_Auth_Subject` and `X-Auth-Subject` to the same `HTTP_X_AUTH_SUBJECT`, so an upstream of
+/// that kind would read a client's own copy as the proxy's. nginx drops every name with `_` by
+/// default, and Envoy's `headers_with_underscores_action` can; only these lookalikes go here.
+fn is_lookalike(name: &str) -> bool {
+    starts_with_dashed(name, "x-auth-")
+        || [
+            X_FORWARDED_CLIENT_CERT,
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_REQUEST_ID,
+        ]
+        .iter()
+        .any(|own| own.as_str().len() == name.len() && starts_with_dashed(name, own.as_str()))
+}
+
+/// `name` starts with `prefix` when each `_` of `name` is read as `-`.
+fn starts_with_dashed(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(n, p)| if n == b'_' { p == b'-' } else { n == p })
 }
 
 fn remove_connection_named(headers: &mut HeaderMap) {
