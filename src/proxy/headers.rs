@@ -427,4 +427,31 @@ mod tests {
             [&HeaderValue::from_static("first")]
         );
     }
+
+    #[test]
+    fn only_names_that_read_as_the_proxys_own_with_underscores_are_lookalikes() {
+        for name in [
+            "x_auth_subject",
+            "x-auth_permissions",
+            "x_auth_",
+            "x_forwarded_client_cert",
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "x_forwarded_host",
+            "x_request_id",
+        ] {
+            assert!(is_lookalike(name), "{name}");
+        }
+        for name in [
+            "x_auth",
+            "x_authorization",
+            "x_forwarded_for_x",
+            "x_forwarded_port",
+            "x_request",
+            "x_",
+            "my_x_auth_subject",
+        ] {
+            assert!(!is_lookalike(name), "{name}");
+        }
+    }
 }

@@ -246,39 +246,7 @@ impl Proxy {
         if parts.method == http::Method::CONNECT {
             return Err(Rejection::MethodNotAllowed(parts.method.to_string()));
         }
-        // One `Host` (RFC 9112 section 3.2): with two, the checks (a signature covers the host)
-        // could read one and the upstream act on the other; an HTTP/1.1 request without one is
-        // a 400 as well, as nginx and Envoy answer it. HTTP/1.0 may name no host, and HTTP/2
-        // names it in `:authority`.
-        let mut hosts = parts.headers.get_all(HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => {
-                return Err(Rejection::InvalidHost(
-                    "the request has more than one Host header",
-                ))
-            }
-            (None, _) if parts.version == Version::HTTP_11 => {
-                return Err(Rejection::InvalidHost(
-                    "an HTTP/1.1 request must have a Host header",
-                ))
-            }
-            _ => {}
-        }
-        // A target with an authority (the absolute form, or HTTP/2's `:authority`) names the
-        // host, and a `Host` line beside it is ignored (RFC 9112 section 3.2.2, RFC 9113
-        // section 8.3.1): it becomes the `Host` that the checks read and the upstream gets.
-        if let Some(authority) = parts.uri.authority() {
-            // RFC 9110 section 4.2.4: user information in an http(s) URI is an error.
-            if authority.as_str().contains('@') {
-                return Err(Rejection::InvalidHost(
-                    "the request target names user information",
-                ));
-            }
-            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
-                Rejection::InvalidHost("the request target's authority is not a valid host")
-            })?;
-            parts.headers.insert(HOST, host);
-        }
+        settle_host(&mut parts)?;
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
         let route = match self.config.match_route(&path, &parts.method) {
@@ -604,7 +572,8 @@ impl Proxy {
         body_sha256: &str,
     ) -> Result<VerifiedSignature, Rejection> {
         let header = signature_header(&parts.headers)?;
-        // `process` has put the target's authority, where there is one, in `Host`.
+        // `settle_host` has left one `Host`, visible ASCII (so `to_str` holds), the target's
+        // authority where there is one; none only for HTTP/1.0 without a host.
         let host = parts
             .headers
             .get(HOST)
@@ -653,6 +622,78 @@ impl Proxy {
             Err(e) => self.store_failure("record_nonce", &e, request_id),
         }
     }
+}
+
+/// Leaves the request with at most one `Host`, the host the checks read and the upstream gets
+/// (a signature covers it), or refuses it with 400 invalid_host (RFC 9112 section 3.2: a
+/// missing, repeated or invalid `Host` in HTTP/1.1, as nginx and Envoy answer them).
+///
+/// A target with an authority (HTTP/1.x's absolute form, HTTP/2's `:authority`) names the
+/// host: in HTTP/1.x it replaces the `Host` line, which must still be there, once (RFC 9112
+/// section 3.2.2); in HTTP/2 a `host` field that names another host is refused (RFC 9113
+/// section 8.3.1). HTTP/1.0 may name no host at all.
+fn settle_host(parts: &mut http::request::Parts) -> Result<(), Rejection> {
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let sent = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => {
+            return Err(Rejection::InvalidHost(
+                "the request has more than one Host header",
+            ))
+        }
+        (None, _) if parts.version == Version::HTTP_11 => {
+            return Err(Rejection::InvalidHost(
+                "an HTTP/1.1 request must have a Host header",
+            ))
+        }
+        (sent, _) => sent,
+    };
+    let Some(authority) = parts.uri.authority() else {
+        // Empty is allowed: what a client sends for a target with no authority (RFC 9112
+        // section 3.2).
+        if sent.is_some_and(|host| !host.is_empty() && !is_host(host.as_bytes())) {
+            return Err(Rejection::InvalidHost(
+                "the Host header is not a valid host",
+            ));
+        }
+        return Ok(());
+    };
+    if !matches!(parts.uri.scheme_str(), Some("http" | "https")) {
+        return Err(Rejection::InvalidHost(
+            "the request target is not an http or https URI",
+        ));
+    }
+    // RFC 9110 section 4.2.4: user information in an http(s) URI is an error.
+    if authority.as_str().contains('@') {
+        return Err(Rejection::InvalidHost(
+            "the request target names user information",
+        ));
+    }
+    if parts.version == Version::HTTP_2
+        && sent.is_some_and(|host| {
+            !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        })
+    {
+        return Err(Rejection::InvalidHost(
+            "the host header names another host than :authority",
+        ));
+    }
+    // The http crate admits only visible ASCII in an authority, so this does not fail.
+    let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+        Rejection::InvalidHost("the request target's authority is not a valid host")
+    })?;
+    parts.headers.insert(HOST, host);
+    Ok(())
+}
+
+/// Whether `value` holds only what `uri-host [ ":" port ]` may (RFC 9112 section 3.2, RFC 3986
+/// section 3.2.2: a name, an IPv4 address or a bracketed IP literal): no user information,
+/// path, space or byte outside ASCII, nothing a reader could split differently.
+fn is_host(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
 /// Puts the current task at the back of its thread's run queue once, so that the tasks already
