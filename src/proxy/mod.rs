@@ -691,10 +691,27 @@ fn settle_host(parts: &mut http::request::Parts) -> Result<(), Rejection> {
 /// section 3.2.2: a name, an IPv4 address or a bracketed IP literal): no user information,
 /// path, space or byte outside ASCII, nothing a reader could split differently.
 fn is_host(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+    value.iter().all(|&b| HOST_BYTES[usize::from(b)])
 }
+
+/// The bytes [`is_host`] allows, one look-up a byte (it runs on every request).
+const HOST_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        // `b < 256`, so the cast is exact.
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=:[]";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// Puts the current task at the back of its thread's run queue once, so that the tasks already
 /// queued there (a store's connection task, woken by a command; other requests' checks) run
