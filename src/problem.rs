@@ -29,6 +29,10 @@ pub enum Rejection {
     /// The client's body broke off before its end.
     #[error("the request body broke off before its end")]
     BodyIncomplete,
+    /// A body that must be read before the checks (a signed route's) did not arrive within
+    /// `upstream.request_timeout`.
+    #[error("the request body did not arrive within {}s", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     /// More than one `Host` header, or none in an HTTP/1.1 request (RFC 9112 section 3.2);
     /// the text says which.
     #[error("{0}")]
@@ -64,6 +68,7 @@ impl Rejection {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::BodyIncomplete => "body_incomplete",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::InvalidHost(_) => "invalid_host",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::RateLimited { .. } => "rate_limited",
@@ -106,6 +111,7 @@ impl Rejection {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyIncomplete | Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,

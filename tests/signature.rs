@@ -516,6 +516,40 @@ async fn signed_bodies_over_the_limit_get_413() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_body_that_stalls_is_cut_off_at_the_request_timeout() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // `request_timeout` is 2 s in the test configuration.
+    let proxy = TestProxy::start(&config(&upstream, ""), dir.path(), &env()).await;
+    let host = proxy.addr.to_string();
+    let s = signed("POST", "/signed/slow", &host, &[b'x'; 100]);
+    // The head and 10 of the 100 bytes it announces, then nothing.
+    let request = format!(
+        "POST /signed/slow HTTP/1.1\r\nHost: {host}\r\nAuthorization: {}\r\nContent-Length: 100\r\n\r\n{}",
+        s.header,
+        "x".repeat(10)
+    );
+    let started = Instant::now();
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        support::http::raw_exact(proxy.addr, request.as_bytes()),
+    )
+    .await
+    .expect("the proxy waited for the rest of the body without end");
+    assert_refused(&response, 408, "body_timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.count(), 0);
+    // A body that arrives in time still passes.
+    let s = signed("POST", "/signed/ok", &host, b"{}");
+    assert_eq!(send_signed(proxy.addr, &s, "").await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxy_processes_share_nonces_through_one_redis() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;

@@ -273,7 +273,8 @@ impl SignatureVerifier {
     /// The TTL of a recorded nonce: twice the window, so a nonce outlives every timestamp
     /// that could carry it.
     pub fn nonce_ttl(&self) -> Duration {
-        self.max_skew * 2
+        // Configuration bounds every duration far below overflow; saturating all the same.
+        self.max_skew.saturating_mul(2)
     }
 
     /// Checks in DESIGN.md's order: parse, key lookup, timestamp window, HMAC.
@@ -311,17 +312,21 @@ impl SignatureVerifier {
                 params.key_id
             )));
         }
-        let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let skew = now_secs.abs_diff(params.ts);
-        if skew > self.max_skew.as_secs() {
-            let direction = if params.ts > now_secs {
-                "ahead of"
-            } else {
-                "behind"
-            };
+        // To the clock's precision, not in whole seconds: a window of 300 s that let
+        // `now - ts` reach 300.9 s would outlast the nonce recorded at its other edge, which
+        // is kept for exactly twice the window.
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        let ts = Duration::from_secs(params.ts);
+        let (skew, direction) = if ts > now {
+            (ts - now, "ahead of")
+        } else {
+            (now - ts, "behind")
+        };
+        if skew > self.max_skew {
             return Err(AuthError::TimestampOutOfWindow(format!(
-                "ts is {skew}s {direction} the proxy's clock; the window is {}s",
-                self.max_skew.as_secs()
+                "ts is {:.3}s {direction} the proxy's clock; the window is {}s",
+                skew.as_secs_f64(),
+                self.max_skew.as_secs_f64()
             )));
         }
         let to_sign = string_to_sign(
@@ -573,6 +578,34 @@ mod tests {
             v.verify(&h, request(), at(1763999699)),
             Err(AuthError::TimestampOutOfWindow(_))
         ));
+    }
+
+    #[test]
+    fn the_window_is_kept_to_the_clocks_precision_within_the_nonces_lifetime() {
+        let v = verifier(vec![key("k-1", SignatureAlgorithm::HmacSha256)]);
+        let h = header("k-1", 1764000000, SignatureAlgorithm::HmacSha256, request());
+        let ms = |m: u64| Duration::from_millis(m);
+        // A request first seen at the window's early edge, `ts - 300 s`, has its nonce kept
+        // until `ts + 300 s`. Half a second later it must no longer verify (it did when the
+        // window was counted in whole seconds), or a replay would find its nonce gone.
+        let first = at(1763999700);
+        assert!(v.verify(&h, request(), first).is_ok());
+        let nonce_gone = first + v.nonce_ttl();
+        assert_eq!(nonce_gone, at(1764000300));
+        for late in [ms(1), ms(500), ms(999)] {
+            match v.verify(&h, request(), nonce_gone + late) {
+                Err(AuthError::TimestampOutOfWindow(detail)) => {
+                    assert!(detail.contains("behind"), "{detail}")
+                }
+                other => panic!("{late:?} past the window: {other:?}"),
+            }
+        }
+        // And ahead: 300.5 s before `ts` is outside as well.
+        assert!(matches!(
+            v.verify(&h, request(), at(1763999700) - ms(500)),
+            Err(AuthError::TimestampOutOfWindow(_))
+        ));
+        assert!(v.verify(&h, request(), at(1763999700) + ms(1)).is_ok());
     }
 
     #[test]

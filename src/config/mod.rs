@@ -18,6 +18,11 @@ use crate::proxy::path;
 /// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys).
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// The longest duration the configuration takes (ten years): more than any timeout, window or
+/// lifetime needs, and far enough from the limits of `Duration`, `Instant` and Redis's `PX`
+/// that arithmetic on a configured duration cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// A validated configuration. Built only by [`Config::parse`] or [`Config::load`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -455,9 +460,17 @@ impl Validator<'_> {
         });
     }
 
+    /// Parses a duration, up to [`MAX_DURATION`].
     fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
         let Some(text) = value else { return default };
         match humantime::parse_duration(text) {
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    path,
+                    format!("{text:?} is longer than any duration here needs; at most 3650d"),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.error(
@@ -1107,6 +1120,15 @@ impl Validator<'_> {
             if k.id.is_empty() || k.client.is_empty() {
                 self.error(&at, "id and client must not be empty");
             }
+            // Both go upstream as header values (`x-auth-key-id`, `x-auth-client`).
+            for (field, text) in [("id", &k.id), ("client", &k.client)] {
+                if !text.bytes().all(|b| b.is_ascii_graphic()) {
+                    self.error(
+                        format!("{at}.{field}"),
+                        format!("{text:?} must be visible ASCII without spaces: it is sent upstream in a header"),
+                    );
+                }
+            }
             if keys.iter().any(|other| other.id == k.id) {
                 self.error(
                     format!("{at}.id"),
@@ -1433,6 +1455,54 @@ mod tests {
             Ok(_) => panic!("accepted:\n{extra}"),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn durations_past_ten_years_are_refused() {
+        // 300000000000y would overflow `max_skew * 2` on every signed request.
+        for (key, extra) in [
+            (
+                "signature.max_skew",
+                "[signature]\nmax_skew = \"300000000000y\"\n",
+            ),
+            ("upstream.request_timeout", "request_timeout = \"3651d\"\n"),
+            (
+                "server.drain_timeout",
+                "[server]\ndrain_timeout = \"11y\"\n",
+            ),
+        ] {
+            let e = errors(extra, &[]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(
+                e[0].starts_with(&format!("{key}: ")) && e[0].contains("at most 3650d"),
+                "{e:?}"
+            );
+        }
+        let c = parse("[signature]\nmax_skew = \"3650d\"\n", &[]).unwrap();
+        assert_eq!(c.signature.max_skew, MAX_DURATION);
+    }
+
+    #[test]
+    fn signing_key_ids_and_clients_must_be_header_safe() {
+        let key = |id: &str, client: &str| {
+            format!(
+                "[signature]\n[[signature.keys]]\nid = \"{id}\"\nclient = \"{client}\"\nsecret_env = \"S\"\n"
+            )
+        };
+        let secret = [("S", "0123456789abcdef0123456789abcdef")];
+        for (id, client, path) in [
+            ("k-1", "b\u{fc}ro-7", "signature.keys[0].client"),
+            ("k-1", "client 42", "signature.keys[0].client"),
+            ("k\u{e9}", "c", "signature.keys[0].id"),
+        ] {
+            let e = errors(&key(id, client), &secret);
+            assert!(
+                e.iter()
+                    .any(|e| e.starts_with(&format!("{path}: ")) && e.contains("visible ASCII")),
+                "{id:?} {client:?}: {e:?}"
+            );
+        }
+        assert!(parse(&key("client-42-2026-11", "client-42"), &secret).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! connections unused for [`IDLE_TIMEOUT`], a few each second.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -116,6 +117,24 @@ impl Upstream {
             request_timeout: config.request_timeout,
             timers: SleepPool::default(),
         })
+    }
+
+    /// Reads a body that must be in hand before the checks (a signed route's), up to
+    /// `request_timeout`: a client that stalls mid-body is answered 408 instead of holding its
+    /// task and buffer without end.
+    pub(crate) async fn read_body_in_time<T>(
+        &self,
+        read: impl Future<Output = Result<T, Rejection>>,
+    ) -> Result<T, Rejection> {
+        let deadline = self
+            .timers
+            .sleep_until(tokio::time::Instant::now() + self.request_timeout);
+        // The body first: one that is already in hand never arms the timer.
+        tokio::select! {
+            biased;
+            outcome = read => outcome,
+            () = deadline => Err(Rejection::BodyTimeout(self.request_timeout)),
+        }
     }
 
     /// Sends the request (origin-form target, `Host` set) and waits for the response head, up

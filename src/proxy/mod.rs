@@ -272,7 +272,10 @@ impl Proxy {
         // bounded by the limit) before anything is forwarded. Elsewhere it streams.
         let mut limit_hit = None;
         let (body, body_sha256) = if route.require.signature {
-            let (bytes, digest) = read_body(body, limit).await?;
+            let (bytes, digest) = self
+                .upstream
+                .read_body_in_time(read_body(body, limit))
+                .await?;
             (Either::Right(Full::new(bytes)), Some(digest))
         } else if body.is_end_stream() {
             (Either::Right(Full::new(Bytes::new())), None)

@@ -82,6 +82,13 @@ impl Revocation {
         if empty {
             return Err("jti and sub must not be empty".to_owned());
         }
+        // Redis's scripts compare these as Lua numbers (doubles): past 2^53 two different
+        // times could compare equal, or a revocation read back as another time.
+        if !(0..=LATEST_TIME).contains(&revocation.value()) {
+            return Err(format!(
+                "exp and before are Unix times in seconds, from 0 to {LATEST_TIME} (9999-12-31T23:59:59Z)"
+            ));
+        }
         Ok(revocation)
     }
 
@@ -118,6 +125,9 @@ impl Revocation {
         }
     }
 }
+
+/// The latest `exp` or `before` a revocation may name: 9999-12-31T23:59:59Z.
+const LATEST_TIME: i64 = 253_402_300_799;
 
 /// What a revocation body must look like, for error messages.
 const SHAPES: &str =
@@ -427,6 +437,17 @@ mod tests {
                 assert!(serde_json::from_str::<Revocation>(bad).is_err(), "{bad}");
             }
         }
+        // Times Redis's scripts can hold exactly (Lua numbers are doubles).
+        for bad in [
+            r#"{"sub":"u","before":9223372036854775807}"#,
+            r#"{"jti":"abc","exp":253402300800}"#,
+            r#"{"jti":"abc","exp":-1}"#,
+        ] {
+            let error = Revocation::from_json(bad.as_bytes()).unwrap_err();
+            assert!(error.contains("Unix times"), "{bad}: {error}");
+        }
+        assert!(Revocation::from_json(br#"{"sub":"u","before":253402300799}"#).is_ok());
+        assert!(Revocation::from_json(br#"{"jti":"abc","exp":0}"#).is_ok());
         let parsed: Revocation = serde_json::from_str(r#"{"sub":"u1","before":5}"#).unwrap();
         assert_eq!(
             parsed,
