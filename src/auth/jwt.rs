@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use self::json::{Key, Member, Members, Place};
 use crate::auth::AuthError;
 use crate::config::{IssuerConfig, JwtConfig};
-use crate::keys::{parse_algorithm, KeyStore, VerificationKey};
+use crate::keys::{parse_algorithm, KeyKind, KeyStore, VerificationKey};
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -58,6 +58,9 @@ pub struct VerifiedToken {
     /// still there as the same `Arc`, so this is dead once the key has been removed (rotated
     /// out, or withdrawn because it leaked), and a cached token signed with it must not pass.
     verified_by: Weak<VerificationKey>,
+    /// Whether that key came from the issuer's JWKS (not a configured secret): then a cache hit
+    /// also needs the JWKS to be within `jwks_max_stale`.
+    from_jwks: bool,
 }
 
 /// Verifies bearer tokens against the configured issuers.
@@ -182,11 +185,14 @@ impl JwtVerifier {
             .map(|_| Sha256::digest(token.as_bytes()).into());
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
-                if hit.verified_by.strong_count() > 0 {
+                if hit.verified_by.strong_count() > 0
+                    && (!hit.from_jwks || self.keys.jwks_usable(&hit.issuer))
+                {
                     self.check_times(hit.exp, hit.not_before, hit.issued_at, now)?;
                     return Ok(hit);
                 }
-                // Its key has left the JWKS: verify again, against the keys held now.
+                // Its key has left the JWKS, or the JWKS is older than `jwks_max_stale`: verify
+                // again, against the keys held now (none, in the second case: keys_unavailable).
                 cache.invalidate(key);
             }
         }
@@ -214,6 +220,7 @@ impl JwtVerifier {
         }) else {
             return Err(AuthError::InvalidTokenSignature);
         };
+        let from_jwks = verified_by.kind != KeyKind::Hmac;
         let verified_by = Arc::downgrade(verified_by);
 
         // Only a token signed by the issuer gets to learn which of its claims fail.
@@ -246,6 +253,10 @@ impl JwtVerifier {
                     "the token is not meant for this service (aud)".into(),
                 ))
             }
+            Audience::Unexpected => return Err(AuthError::InvalidAudience(
+                "the token names an audience (aud), and this issuer has no audiences configured"
+                    .into(),
+            )),
         }
         let permissions_header = token.permissions.join(",");
         Ok(VerifiedToken {
@@ -260,6 +271,7 @@ impl JwtVerifier {
             token_id: token.token_id,
             cnf_x5t_s256: token.cnf_x5t_s256,
             verified_by,
+            from_jwks,
         })
     }
 
@@ -284,7 +296,12 @@ impl JwtVerifier {
         }
         let claims = Claims::read(payload, &issuer.permissions_claim)?;
         let audience = if issuer.audiences.is_empty() {
-            Audience::Accepted
+            // RFC 7519 section 4.1.3: a token that names its audience is refused by any
+            // service that is not in it, and one without `audiences` is in none.
+            match claims.aud {
+                None => Audience::Accepted,
+                Some(_) => Audience::Unexpected,
+            }
         } else {
             let meant_for_us = |aud: &str| issuer.audiences.iter().any(|a| a == aud);
             match claims.aud {
@@ -296,6 +313,24 @@ impl JwtVerifier {
                 Some(_) => Audience::Other,
             }
         };
+        let permissions: Vec<String> = match claims.permissions {
+            None => Vec::new(),
+            // RFC 6749 section 3.3: scope tokens are separated by spaces (U+0020) only.
+            Some(Strings::One(words)) => words
+                .split(' ')
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            Some(Strings::Many(items)) => items.iter().map(|p| String::from(&**p)).collect(),
+        };
+        // `x-auth-permissions` joins them with commas: one holding a comma would reach the
+        // upstream as two that the proxy never checked.
+        if permissions.iter().any(|p| p.contains(',')) {
+            return Err(AuthError::MalformedToken(format!(
+                "a permission in the {} claim holds a comma",
+                issuer.permissions_claim
+            )));
+        }
         Ok(Unverified {
             issuer,
             alg,
@@ -314,11 +349,7 @@ impl JwtVerifier {
                 .map(String::as_str),
             audience,
             subject: claims.sub.map(str::to_owned),
-            permissions: match claims.permissions {
-                None => Vec::new(),
-                Some(Strings::One(words)) => words.split_whitespace().map(str::to_owned).collect(),
-                Some(Strings::Many(items)) => items.iter().map(|p| String::from(&**p)).collect(),
-            },
+            permissions,
             token_id: claims.jti.map(str::to_owned),
             cnf_x5t_s256: claims.cnf_x5t_s256.map(str::to_owned),
         })
@@ -353,7 +384,8 @@ impl JwtVerifier {
         iat: Option<i64>,
         now: i64,
     ) -> Result<(), AuthError> {
-        if exp.saturating_add(self.leeway) < now {
+        // RFC 7519 section 4.1.4: the current time must be before `exp` (plus the leeway).
+        if exp.saturating_add(self.leeway) <= now {
             return Err(AuthError::TokenExpired(format!(
                 "token expired at {}",
                 rfc3339(exp)
@@ -615,7 +647,8 @@ impl<'d> Header<'d> {
         }
         match &h.cty {
             None => {}
-            Some(Member::Str(c)) if c.eq_ignore_ascii_case("JWT") => {
+            // RFC 7515 section 4.1.10: `JWT` is `application/jwt` with the prefix left out.
+            Some(Member::Str(c)) if is_jwt_media_type(c) => {
                 return Err(malformed("nested tokens (cty JWT) are not accepted"))
             }
             Some(Member::Str(_)) => {}
@@ -661,10 +694,12 @@ struct Unverified<'a> {
 
 /// The outcome of the `aud` check, reported only once the signature verified.
 enum Audience {
-    /// `aud` names this service, or the issuer has no `audiences`.
+    /// `aud` names this service, or the issuer has no `audiences` and the token no `aud`.
     Accepted,
     Missing,
     Other,
+    /// The token names an audience, and the issuer has no `audiences`.
+    Unexpected,
 }
 
 /// A claim that is a string or an array of strings, as sent.
@@ -757,6 +792,15 @@ fn time_claim(p: &Payload<'_>, name: &str) -> Result<Option<i64>, AuthError> {
             "the {name} claim is not an integer number of seconds"
         ))),
     }
+}
+
+/// `JWT` or `application/jwt`, in any case of letters: a nested token's `cty`.
+fn is_jwt_media_type(cty: &str) -> bool {
+    let subtype = match cty.get(..12) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &cty[12..],
+        _ => cty,
+    };
+    subtype.eq_ignore_ascii_case("JWT")
 }
 
 #[cfg(test)]
@@ -1100,7 +1144,7 @@ mod tests {
 
     #[tokio::test]
     async fn nested_cty_jwt_is_rejected() {
-        for cty in ["JWT", "jwt"] {
+        for cty in ["JWT", "jwt", "application/jwt", "Application/JWT"] {
             let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "cty": cty});
             assert_err!(
                 check(&KEYS.es256.sign_with_header(&header, &claims())).await,
@@ -1191,6 +1235,11 @@ mod tests {
         assert!(check(&token).await.is_ok());
         let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 31)));
         assert_err!(check(&token).await, TokenExpired);
+        // RFC 7519: the time must be before `exp` (here, `exp` plus the 30 s leeway).
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 29)));
+        assert!(check(&token).await.is_ok());
+        let token = KEYS.es256.sign(&with(claims(), "exp", json!(NOW - 30)));
+        assert_err!(check(&token).await, TokenExpired);
     }
 
     #[tokio::test]
@@ -1252,6 +1301,22 @@ mod tests {
             v.verify(&KEYS.es256.sign(&claims()), NOW).await,
             InvalidAudience
         );
+    }
+
+    #[tokio::test]
+    async fn without_configured_audiences_a_token_naming_one_is_refused() {
+        // The test issuer has no `audiences`.
+        let (v, _dir) = verifier().await;
+        assert!(v.verify(&KEYS.es256.sign(&claims()), NOW).await.is_ok());
+        for aud in [json!("billing"), json!(["billing", "api"]), json!([])] {
+            let token = KEYS.es256.sign(&with(claims(), "aud", aud.clone()));
+            match v.verify(&token, NOW).await {
+                Err(AuthError::InvalidAudience(detail)) => {
+                    assert!(detail.contains("no audiences configured"), "{detail}")
+                }
+                other => panic!("{aud}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -1363,20 +1428,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn cached_token_skips_verification_but_not_expiry() {
+    async fn cached_token_skips_verification_but_not_expiry_or_stale_keys() {
         let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
         // A real clock, since the cache expires entries at exp in real time.
         let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
         let token = KEYS.es256.sign(&claims);
         let first = v.verify(&token, now).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        // The keys are now too stale to serve: only the cache can answer.
         let again = v.verify(&token, now).await.unwrap();
-        assert!(Arc::ptr_eq(&first, &again));
+        assert!(Arc::ptr_eq(&first, &again), "answered from the cache");
+        assert_err!(v.verify(&token, now + 120).await, TokenExpired);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // The keys are now too stale to serve, and so is what they verified.
+        assert_err!(v.verify(&token, now).await, KeysUnavailable);
         let other = KEYS.es256.sign(&with(claims.clone(), "sub", json!("v")));
         assert_err!(v.verify(&other, now).await, KeysUnavailable);
-        assert_err!(v.verify(&token, now + 120).await, TokenExpired);
     }
 
     #[tokio::test]
@@ -1532,8 +1598,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn permissions_are_read_as_the_upstream_reads_them() {
+        let (v, _dir) = verifier().await;
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "permissions", json!(["read:data,admin"])));
+        match v.verify(&token, NOW).await {
+            Err(AuthError::MalformedToken(detail)) => assert!(detail.contains("comma"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "scope".into()).await;
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "scope", json!("read:data,admin write")));
+        assert_err!(v.verify(&token, NOW).await, MalformedToken);
+        // Spaces separate scope tokens; other white space (here a no-break space) does not.
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "scope", json!("  a  b\u{a0}c ")));
+        assert_eq!(
+            v.verify(&token, NOW).await.unwrap().permissions,
+            ["a", "b\u{a0}c"]
+        );
+    }
+
+    #[tokio::test]
     async fn permissions_claim_may_be_a_registered_claim() {
-        let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "aud".into()).await;
+        let (v, _dir) = verifier_with(0, |i| {
+            i.permissions_claim = "aud".into();
+            // A token that names an audience needs the issuer to have one.
+            i.audiences = vec!["a".into()];
+        })
+        .await;
         let token = KEYS.es256.sign(&with(claims(), "aud", json!(["a", "b"])));
         assert_eq!(v.verify(&token, NOW).await.unwrap().permissions, ["a", "b"]);
         let token = KEYS.es256.sign(&with(claims(), "aud", json!({"a": 1})));

@@ -175,6 +175,18 @@ impl KeyStore {
         all
     }
 
+    /// Whether keys from `issuer`'s JWKS may still be trusted: loaded, and the last good load
+    /// not older than `jwks_max_stale`. Asked on a verified-cache hit, which must not outlast
+    /// the keys it was verified with.
+    pub fn jwks_usable(&self, issuer: &str) -> bool {
+        self.issuers.get(issuer).is_some_and(|keys| {
+            keys.jwks
+                .load()
+                .as_ref()
+                .is_some_and(|set| set.loaded_at.elapsed() <= keys.max_stale)
+        })
+    }
+
     /// The keys of `issuer` that may verify a token signed with `alg`: the one named by `kid`,
     /// or without a `kid` every key that fits `alg`. An unknown `kid` triggers at most one
     /// throttled refetch before the answer.
