@@ -55,7 +55,8 @@ pub struct IssuerKeyStatus {
     pub last_error: Option<String>,
 }
 
-/// Every issuer's keys. Dropping the store stops its background refresh tasks.
+/// Every issuer's keys. Dropping the store stops its background refresh tasks; a refetch for an
+/// unknown `kid` that is under way still runs to its end (at most [`FETCH_TIMEOUT`]).
 #[derive(Debug)]
 pub struct KeyStore {
     issuers: HashMap<String, Arc<IssuerKeys>>,
@@ -113,7 +114,8 @@ struct IssuerKeys {
     /// The JWKS keys from the last successful load. Read without a lock on every request.
     jwks: ArcSwapOption<KeySet>,
     /// Serialises loads; holds when the last one started, for the `jwks_min_refetch` throttle.
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Shared so that an on-miss fetch's task can own the lock until the fetch ends.
+    fetch: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// Incremented after every finished load, so that a request that waited for the fetch lock
     /// can tell that someone else fetched meanwhile and only needs to look again.
     generation: AtomicU64,
@@ -296,7 +298,7 @@ impl IssuerKeys {
                 .map(|(kid, secret)| Arc::new(VerificationKey::hmac(kid, secret.expose())))
                 .collect(),
             jwks: ArcSwapOption::empty(),
-            fetch: tokio::sync::Mutex::new(None),
+            fetch: Arc::new(tokio::sync::Mutex::new(None)),
             generation: AtomicU64::new(0),
             last_error: Mutex::new(None),
             created: Instant::now(),
@@ -368,16 +370,31 @@ impl IssuerKeys {
     /// A refetch for a token whose key is missing: skipped when another load finished while we
     /// waited for the lock (the caller just looks again), or when the last load started less
     /// than `jwks_min_refetch` ago.
-    async fn refetch_on_miss(&self) {
+    ///
+    /// The fetch runs in a task of its own, which holds the fetch lock until the load is stored.
+    /// The request only waits for it: hyper drops a request's future when the client hangs up
+    /// or resets its stream, and a fetch dropped half-way would leave the throttle set with
+    /// nothing loaded, so that every unknown `kid` got unknown_key without a fetch for the next
+    /// `jwks_min_refetch`. Misses that arrive meanwhile wait for the lock and then see the new
+    /// generation, whether or not the request that started the fetch is still there.
+    async fn refetch_on_miss(self: &Arc<Self>) {
         let seen = self.generation.load(Ordering::Acquire);
-        let mut last_start = self.fetch.lock().await;
+        let mut last_start = self.fetch.clone().lock_owned().await;
         if self.generation.load(Ordering::Acquire) != seen {
             return;
         }
         if last_start.is_some_and(|t| t.elapsed() < self.min_refetch) {
             return;
         }
-        self.reload_locked(&mut last_start, FETCH_TIMEOUT).await;
+        let keys = Arc::clone(self);
+        let fetch = tokio::spawn(async move {
+            keys.reload_locked(&mut last_start, FETCH_TIMEOUT).await;
+        });
+        // A panic in the load is not the request's to report; the lock went with the task, and
+        // the caller looks again at whatever keys are held.
+        if let Err(e) = fetch.await {
+            tracing::error!(issuer = %self.issuer, error = %e, "JWKS refetch task failed");
+        }
     }
 
     /// One load, serialised with every other load of this issuer.
@@ -688,6 +705,52 @@ mod tests {
             assert_eq!(lookup.await.unwrap(), Ok(1));
         }
         assert_eq!(server.fetches(), 2, "start-up load plus one shared refetch");
+    }
+
+    /// A client that hangs up (or a caller whose timeout fires) drops the lookup's future in the
+    /// middle of its refetch. The fetch must finish anyway: otherwise it would leave the throttle
+    /// set without loading anything, and every unknown `kid` would get unknown_key without a
+    /// fetch for the next `jwks_min_refetch`, each time an attacker repeats the trick.
+    #[tokio::test]
+    async fn refetch_completes_when_the_lookup_that_started_it_is_dropped() {
+        let old = TestKey::es256();
+        let new = TestKey::es256();
+        let server = JwksServer::start(&jwks(&[&old])).await;
+        let mut config = issuer(url(&server), &[]);
+        config.jwks_min_refetch = Duration::from_secs(1);
+        let (store, _) = store(config).await;
+        // Past the start-up load's throttle window, so that the next miss fetches.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        server.serve(200, &jwks(&[&old, &new]).to_string());
+        server.delay(Duration::from_millis(300));
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            store.keys_for(ISSUER, Some(new.kid()), Algorithm::ES256),
+        )
+        .await;
+        assert!(dropped.is_err(), "the lookup was dropped mid-fetch");
+        // The refetch reached the server (which, on this single-threaded runtime, has already
+        // read its 300 ms delay) before the lookup was dropped.
+        assert_eq!(
+            server.fetches(),
+            2,
+            "start-up load plus the dropped refetch"
+        );
+        server.delay(Duration::ZERO);
+
+        assert_eq!(
+            find(&store, &new).await,
+            Ok(1),
+            "the new key is found once the dropped lookup's fetch completes"
+        );
+        assert_eq!(server.fetches(), 2, "the later lookup shared that fetch");
+        // The fetch still counts for the throttle.
+        let unknown = TestKey::es256();
+        assert!(matches!(
+            find(&store, &unknown).await,
+            Err(AuthError::UnknownKey(_))
+        ));
+        assert_eq!(server.fetches(), 2, "no refetch within jwks_min_refetch");
     }
 
     #[tokio::test]
