@@ -71,12 +71,14 @@ jwks_min_refetch = "{jwks_min_refetch}"
 
 [[jwt.issuers]]
 issuer = "{INTERNAL}"
+audiences = ["api_clients"]
 algorithms = ["HS256"]
 secrets = [{{ kid = "internal-1", env = "HS_SECRET" }}]
 required_claims = ["sub", "exp"]
 
 [[jwt.issuers]]
 issuer = "{SCOPED}"
+audiences = ["api_clients"]
 algorithms = ["HS256"]
 secrets = [{{ kid = "scoped-1", env = "SCOPE_SECRET" }}]
 permissions_claim = "scope"
@@ -452,6 +454,7 @@ async fn public_keys_are_never_hmac_secrets() {
             r#"
 [[jwt.issuers]]
 issuer = "{ISSUER}"
+audiences = ["api_clients"]
 algorithms = ["RS256", "HS256"]
 jwks_url = "{}"
 secrets = [{{ kid = "hmac-1", env = "HS_SECRET" }}]
@@ -739,6 +742,7 @@ async fn jwks_down_at_start_is_503_keys_unavailable_never_a_pass() {
             r#"
 [[jwt.issuers]]
 issuer = "{ISSUER}"
+audiences = ["api_clients"]
 algorithms = ["RS256"]
 jwks_url = "{}"
 jwks_min_refetch = "1s"
