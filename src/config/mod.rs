@@ -644,6 +644,15 @@ impl Validator<'_> {
         let store = self.store(raw.store);
         let jwt = self.jwt(raw.jwt);
         let signature = self.signature(raw.signature);
+        for (i, route) in raw.routes.iter().enumerate() {
+            // One name, one set of rate-limit buckets and metrics.
+            if !route.name.is_empty() && raw.routes[..i].iter().any(|r| r.name == route.name) {
+                self.error(
+                    format!("routes[{i}].name"),
+                    format!("{:?} is used by another route", route.name),
+                );
+            }
+        }
         let routes: Vec<Route> = raw
             .routes
             .into_iter()
@@ -1207,6 +1216,14 @@ impl Validator<'_> {
         let errors_before = self.errors.len();
         if raw.name.is_empty() {
             self.error(format!("{at}.name"), "must not be empty");
+        } else if raw.name.contains(':') || !raw.name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            // The name is quoted in the RateLimit headers (a structured-field string: printable
+            // ASCII), and starts the route's rate-limit keys, `<route>:<caller>`, where a `:`
+            // in it would let a caller of one route count against another's.
+            self.error(
+                format!("{at}.name"),
+                format!("{:?} must be printable ASCII without ':'", raw.name),
+            );
         }
         let path_prefix = match path::normalize(&raw.path_prefix) {
             Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => p.into_owned(),
@@ -1503,6 +1520,45 @@ mod tests {
             );
         }
         assert!(parse(&key("client-42-2026-11", "client-42"), &secret).is_ok());
+    }
+
+    #[test]
+    fn route_names_are_unique_printable_and_without_colons() {
+        let route = |name: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{}\"\n",
+                name.len()
+            )
+        };
+        for (names, path, why) in [
+            (vec!["api:v2"], "routes[0].name", "without ':'"),
+            (vec!["b\u{fc}ro"], "routes[0].name", "without ':'"),
+            (vec!["tab\there"], "routes[0].name", "without ':'"),
+            (
+                vec!["api", "api"],
+                "routes[1].name",
+                "used by another route",
+            ),
+        ] {
+            let text: String = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    route(n).replace("path_prefix = \"/", &format!("path_prefix = \"/r{i}-"))
+                })
+                .collect();
+            let e = errors(&text, &[]);
+            assert!(
+                e.iter()
+                    .any(|e| e.starts_with(&format!("{path}: ")) && e.contains(why)),
+                "{names:?}: {e:?}"
+            );
+        }
+        assert!(parse(
+            &format!("{}{}", route("Transactions API v2"), route("api")),
+            &[]
+        )
+        .is_ok());
     }
 
     #[test]
