@@ -131,6 +131,13 @@ impl Admin {
                         return problem(StatusCode::BAD_REQUEST, "invalid_body", &reason)
                     }
                 };
+                // Only a new revocation is held to the time range: one stored before it
+                // existed can still be undone.
+                if method == Method::POST {
+                    if let Err(reason) = revocation.check_time() {
+                        return problem(StatusCode::BAD_REQUEST, "invalid_body", &reason);
+                    }
+                }
                 let outcome = if method == Method::POST {
                     self.stores.revocations.revoke(&revocation).await
                 } else {

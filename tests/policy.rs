@@ -178,6 +178,29 @@ async fn a_subject_revocation_covers_only_tokens_issued_before_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_revocation_names_a_time_redis_holds_exactly_and_undo_takes_any() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&config(&upstream, "", ""), dir.path(), &env()).await;
+    let forever = json!({"sub": "user-4", "before": i64::MAX});
+    let r = admin(proxy.admin, "POST", forever.clone(), ADMIN_TOKEN).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_body"));
+    assert!(r.body.contains("Unix times"), "{}", r.body);
+    // Undoing is not held to the range: a revocation stored before it can still go.
+    let r = admin(proxy.admin, "DELETE", forever, ADMIN_TOKEN).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = admin(
+        proxy.admin,
+        "POST",
+        json!({"sub": "user-4", "before": 253_402_300_799_i64}),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_needs_its_token_and_is_off_without_one() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,8 @@
 //! size, shape and JSON types first (cheap and reveal nothing), then the signature, then the
 //! claims whose outcome depends on time or audience. A token that passed is kept in a cache
 //! keyed by its SHA-256 until its `exp`, so a client reusing a token pays for the signature
-//! once; the entry goes as soon as the key that verified it leaves the issuer's JWKS.
+//! once; the entry goes as soon as the key that verified it leaves the issuer's JWKS, and is
+//! not used while that JWKS is older than `jwks_max_stale`.
 
 mod json;
 
@@ -323,11 +324,13 @@ impl JwtVerifier {
                 .collect(),
             Some(Strings::Many(items)) => items.iter().map(|p| String::from(&**p)).collect(),
         };
-        // `x-auth-permissions` joins them with commas: one holding a comma would reach the
-        // upstream as two that the proxy never checked.
-        if permissions.iter().any(|p| p.contains(',')) {
+        // `x-auth-permissions` joins them with commas, and an upstream reads it as a list,
+        // trimming spaces and tabs around each item (RFC 9110 section 5.6.1): a permission
+        // holding a comma, empty, or with white space at an end would reach it as another
+        // than the one the proxy checked.
+        if let Some(bad) = permissions.iter().find(|p| !is_list_safe(p)) {
             return Err(AuthError::MalformedToken(format!(
-                "a permission in the {} claim holds a comma",
+                "the {} claim holds {bad:?}; a permission must not be empty, hold a comma or a control character, or start or end with white space",
                 issuer.permissions_claim
             )));
         }
@@ -792,6 +795,15 @@ fn time_claim(p: &Payload<'_>, name: &str) -> Result<Option<i64>, AuthError> {
             "the {name} claim is not an integer number of seconds"
         ))),
     }
+}
+
+/// Whether a permission reads the same as an item of the comma-separated `x-auth-permissions`.
+fn is_list_safe(permission: &str) -> bool {
+    let edge = |c: char| c == ' ' || c == '\t';
+    !permission.is_empty()
+        && !permission.starts_with(edge)
+        && !permission.ends_with(edge)
+        && !permission.contains(|c: char| c == ',' || c.is_control())
 }
 
 /// `JWT` or `application/jwt`, in any case of letters: a nested token's `cty`.
@@ -1607,10 +1619,25 @@ mod tests {
             Err(AuthError::MalformedToken(detail)) => assert!(detail.contains("comma"), "{detail}"),
             other => panic!("{other:?}"),
         }
+        // What an upstream would trim, or read as no permission at all.
+        for bad in [
+            json!(["read:data", " admin"]),
+            json!(["admin\t"]),
+            json!([""]),
+            json!(["a\u{1}b"]),
+        ] {
+            let token = KEYS.es256.sign(&with(claims(), "permissions", bad.clone()));
+            assert_err!(v.verify(&token, NOW).await, MalformedToken);
+        }
         let (v, _dir) = verifier_with(0, |i| i.permissions_claim = "scope".into()).await;
         let token = KEYS
             .es256
             .sign(&with(claims(), "scope", json!("read:data,admin write")));
+        assert_err!(v.verify(&token, NOW).await, MalformedToken);
+        // A tab after a space: `\tadmin`, which an upstream would read as `admin`.
+        let token = KEYS
+            .es256
+            .sign(&with(claims(), "scope", json!("read \tadmin")));
         assert_err!(v.verify(&token, NOW).await, MalformedToken);
         // Spaces separate scope tokens; other white space (here a no-break space) does not.
         let token = KEYS

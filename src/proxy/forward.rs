@@ -129,7 +129,7 @@ impl Upstream {
         let deadline = self
             .timers
             .sleep_until(tokio::time::Instant::now() + self.request_timeout);
-        // The body first: one that is already in hand never arms the timer.
+        // The body first: one that is already in hand never puts the timer in tokio's wheel.
         tokio::select! {
             biased;
             outcome = read => outcome,

@@ -272,10 +272,14 @@ impl Proxy {
         // bounded by the limit) before anything is forwarded. Elsewhere it streams.
         let mut limit_hit = None;
         let (body, body_sha256) = if route.require.signature {
-            let (bytes, digest) = self
-                .upstream
-                .read_body_in_time(read_body(body, limit))
-                .await?;
+            let (bytes, digest) = if body.is_end_stream() {
+                // No body (a GET): nothing to wait for, no deadline to take.
+                read_body(body, limit).await?
+            } else {
+                self.upstream
+                    .read_body_in_time(read_body(body, limit))
+                    .await?
+            };
             (Either::Right(Full::new(bytes)), Some(digest))
         } else if body.is_end_stream() {
             (Either::Right(Full::new(Bytes::new())), None)
