@@ -1097,6 +1097,18 @@ impl Validator<'_> {
         if jwks_refresh.is_zero() {
             self.error(format!("{at}.jwks_refresh"), "must be more than 0s");
         }
+        if raw.audiences.is_empty() {
+            if raw.permissions_claim.as_deref() == Some("aud") {
+                self.error(
+                    format!("{at}.permissions_claim"),
+                    "\"aud\" needs audiences: without them a token that names an audience is refused",
+                );
+            } else {
+                self.warnings.push(format!(
+                    "{at} has no audiences: its tokens that name an audience (aud) are refused (RFC 7519 section 4.1.3)"
+                ));
+            }
+        }
         IssuerConfig {
             issuer: raw.issuer,
             audiences: raw.audiences,
@@ -1559,6 +1571,37 @@ mod tests {
             &[]
         )
         .is_ok());
+    }
+
+    #[test]
+    fn an_issuer_without_audiences_is_worth_a_warning() {
+        let issuer = |extra: &str| {
+            format!(
+                "[[jwt.issuers]]\nissuer = \"https://i.test\"\nalgorithms = [\"HS256\"]\nsecrets = [{{ kid = \"k\", env = \"S\" }}]\n{extra}"
+            )
+        };
+        let secret = [("S", "0123456789abcdef0123456789abcdef")];
+        let c = parse(&issuer(""), &secret).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("jwt.issuers[0] has no audiences")),
+            "{:?}",
+            c.warnings
+        );
+        let c = parse(&issuer("audiences = [\"api\"]\n"), &secret).unwrap();
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("audiences")),
+            "{:?}",
+            c.warnings
+        );
+        let e = errors(&issuer("permissions_claim = \"aud\"\n"), &secret);
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("jwt.issuers[0].permissions_claim: ")
+                    && e.contains("needs audiences")),
+            "{e:?}"
+        );
     }
 
     #[test]
