@@ -164,9 +164,11 @@ impl JwtVerifier {
     ///
     /// Errors, each a stable code of DESIGN.md:
     /// - [`AuthError::MalformedToken`]: over 8 KiB, not three base64url segments (five: JWE),
-    ///   header or payload not a JSON object, a duplicate JSON key, `crit`, `cty: JWT`, a claim
-    ///   of the wrong JSON type (`exp`/`nbf`/`iat` not an integer, `sub` not a string, `aud` not
-    ///   a string or strings, permissions not a string or strings).
+    ///   header or payload not a JSON object, a duplicate JSON key, `crit`, `cty: JWT` (or
+    ///   `application/jwt`), a claim of the wrong JSON type (`exp`/`nbf`/`iat` not an integer,
+    ///   `sub` not a string, `aud` not a string or strings, permissions not a string or
+    ///   strings), a permission that `x-auth-permissions` could not carry as itself (empty, a
+    ///   comma or control character, white space at an end).
     /// - [`AuthError::AlgorithmNotAllowed`]: `alg` is `none` (any case), unknown, outside the
     ///   issuer's `algorithms`, or does not fit the key named by `kid`.
     /// - [`AuthError::InvalidIssuer`]: `iss` missing, not a string, or not a configured issuer.

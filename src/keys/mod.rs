@@ -181,12 +181,9 @@ impl KeyStore {
     /// not older than `jwks_max_stale`. Asked on a verified-cache hit, which must not outlast
     /// the keys it was verified with.
     pub fn jwks_usable(&self, issuer: &str) -> bool {
-        self.issuers.get(issuer).is_some_and(|keys| {
-            keys.jwks
-                .load()
-                .as_ref()
-                .is_some_and(|set| set.loaded_at.elapsed() <= keys.max_stale)
-        })
+        self.issuers
+            .get(issuer)
+            .is_some_and(|keys| keys.jwks.load().as_ref().is_some_and(|set| keys.fresh(set)))
     }
 
     /// The keys of `issuer` that may verify a token signed with `alg`: the one named by `kid`,
@@ -309,9 +306,12 @@ impl IssuerKeys {
 
     /// The JWKS keys, unless never loaded or older than `jwks_max_stale`.
     fn usable_jwks(&self) -> Option<Arc<KeySet>> {
-        self.jwks
-            .load_full()
-            .filter(|set| set.loaded_at.elapsed() <= self.max_stale)
+        self.jwks.load_full().filter(|set| self.fresh(set))
+    }
+
+    /// Whether `set` is within `jwks_max_stale` of its load.
+    fn fresh(&self, set: &KeySet) -> bool {
+        set.loaded_at.elapsed() <= self.max_stale
     }
 
     fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Lookup {
@@ -498,7 +498,7 @@ impl IssuerKeys {
         let age = held.as_ref().map(|s| s.loaded_at.elapsed());
         IssuerKeyStatus {
             issuer: self.issuer.clone(),
-            loaded: age.is_some_and(|a| a <= self.max_stale),
+            loaded: held.as_deref().is_some_and(|set| self.fresh(set)),
             stale: held.is_some() && last_error.is_some(),
             age,
             last_error,
