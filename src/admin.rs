@@ -283,17 +283,32 @@ impl Admin {
 /// The largest admin request body read.
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
-/// `Authorization: Bearer <token>` equal to the admin token, compared in constant time.
+/// One `Authorization: Bearer <token>` (the scheme in any case, RFC 9110 section 11.1) equal to
+/// the admin token. The SHA-256 digests are compared, in constant time, so that not even the
+/// token's length shows in the time taken.
 fn bearer_matches(headers: &http::HeaderMap, token: &Secret) -> bool {
+    use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
         return false;
     };
-    let Some(sent) = value.as_bytes().strip_prefix(b"Bearer ") else {
+    let sent = value.as_bytes();
+    let Some((scheme, sent)) = sent
+        .iter()
+        .position(|&b| b == b' ')
+        .map(|space| (&sent[..space], sent[space + 1..].trim_ascii()))
+    else {
         return false;
     };
-    let expected = token.expose();
-    sent.len() == expected.len() && bool::from(sent.ct_eq(expected))
+    if !scheme.eq_ignore_ascii_case(b"bearer") || sent.is_empty() {
+        return false;
+    }
+    bool::from(
+        Sha256::digest(sent)
+            .as_slice()
+            .ct_eq(Sha256::digest(token.expose()).as_slice()),
+    )
 }
 
 async fn read_limited(body: Incoming, limit: usize) -> Result<bytes::Bytes, String> {
@@ -319,4 +334,44 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&'static str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(http::header::AUTHORIZATION, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn the_admin_bearer_scheme_is_read_in_any_case_and_the_token_must_be_equal() {
+        let token = Secret::new("admin-token-of-at-least-32-bytes-long!!".into());
+        for good in [
+            "Bearer admin-token-of-at-least-32-bytes-long!!",
+            "bearer admin-token-of-at-least-32-bytes-long!!",
+            "BEARER  admin-token-of-at-least-32-bytes-long!! ",
+        ] {
+            assert!(bearer_matches(&headers(&[good]), &token), "{good}");
+        }
+        for bad in [
+            &[][..],
+            &["Bearer admin-token-of-at-least-32-bytes-long!"],
+            &["Bearer admin-token-of-at-least-32-bytes-long!!x"],
+            &["Basic admin-token-of-at-least-32-bytes-long!!"],
+            &["Beareradmin-token-of-at-least-32-bytes-long!!"],
+            &["admin-token-of-at-least-32-bytes-long!!"],
+            &["Bearer "],
+            &[
+                "Bearer admin-token-of-at-least-32-bytes-long!!",
+                "Bearer admin-token-of-at-least-32-bytes-long!!",
+            ],
+        ] {
+            assert!(!bearer_matches(&headers(bad), &token), "{bad:?}");
+        }
+    }
 }

@@ -482,6 +482,119 @@ async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers_at_the_ed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_limit_counts_each_issuers_subject_and_refuses_a_token_without_sub() {
+    const PARTNER_SECRET: &str = "a-partner-hs256-secret-of-32-bytes-or-more";
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&upstream, "", "").replace(
+        "[[routes]]\nname = \"api\"",
+        "[[jwt.issuers]]\nissuer = \"https://partner.test\"\nalgorithms = [\"HS256\"]\n\
+         secrets = [{ kid = \"p1\", env = \"PARTNER_SECRET\" }]\n\n[[routes]]\nname = \"api\"",
+    );
+    // The internal issuer takes tokens without `sub`, so that one reaches the rate limit.
+    let text = text.replacen(
+        "secrets = [{ kid = \"k1\", env = \"HS_SECRET\" }]",
+        "secrets = [{ kid = \"k1\", env = \"HS_SECRET\" }]\nrequired_claims = [\"exp\"]",
+        1,
+    );
+    assert!(text.contains("https://partner.test") && text.contains("required_claims"));
+    let mut vars = env();
+    vars.push(("PARTNER_SECRET", PARTNER_SECRET));
+    let proxy = TestProxy::start(&text, dir.path(), &vars).await;
+
+    // 3 per 2 s by subject: the fourth call of one subject is refused.
+    let internal = token("user-1", "j1", now() - 5);
+    for _ in 0..3 {
+        assert_eq!(call(proxy.addr, "/limited/x", &internal).await.status, 200);
+    }
+    let refused = call(proxy.addr, "/limited/x", &internal).await;
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (429, "rate_limited")
+    );
+
+    // Another issuer's user of the same name is another caller.
+    let partner = TestKey::hs256(PARTNER_SECRET.as_bytes())
+        .with_kid("p1")
+        .sign(&json!({"iss": "https://partner.test", "sub": "user-1", "iat": now() - 5, "exp": now() + 600}));
+    let r = call(proxy.addr, "/limited/x", &partner).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A token without `sub` names no caller: refused, and the upstream never sees it.
+    let before = upstream.count();
+    let nameless = key().sign(&json!({"iss": "https://internal.test", "exp": now() + 600}));
+    let r = call(proxy.addr, "/limited/x", &nameless).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (401, "missing_claim"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body.contains("rate limit counts by subject"),
+        "{}",
+        r.body
+    );
+    assert_eq!(upstream.count(), before);
+    // The same token passes a route without a subject limit.
+    assert_eq!(call(proxy.addr, "/api/x", &nameless).await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_limit_behind_a_trusted_proxy_counts_each_client_it_forwards() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = config(&upstream, "", "");
+    let behind = plain.replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n",
+        1,
+    );
+    assert_ne!(plain, behind);
+    let via = |xff: &'static str| [("x-forwarded-for", xff)];
+
+    // 2 per 2 s by ip. The peer (127.0.0.1) is a trusted load balancer: each client it names
+    // last, past the trusted hops, has an allowance of its own.
+    let proxy = TestProxy::start(&behind, dir.path(), &env()).await;
+    for _ in 0..2 {
+        let r = get(&proxy.url("/by-ip/x"), &via("198.51.100.7")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = get(&proxy.url("/by-ip/x"), &via("198.51.100.7")).await;
+    assert_eq!((r.status, r.code().as_str()), (429, "rate_limited"));
+    // The same client through a second trusted hop; a forged address on the left is not read.
+    let r = get(
+        &proxy.url("/by-ip/x"),
+        &via("203.0.113.99, 198.51.100.7, 10.1.2.3"),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let r = get(&proxy.url("/by-ip/x"), &via("198.51.100.8")).await;
+    assert_eq!(
+        r.status, 200,
+        "another client shares the first one's allowance"
+    );
+    proxy.stop().await;
+
+    // From a peer that is not trusted, X-Forwarded-For names nobody: one allowance.
+    let proxy = TestProxy::start(&plain, dir.path(), &env()).await;
+    let statuses = [
+        get(&proxy.url("/by-ip/x"), &via("198.51.100.1"))
+            .await
+            .status,
+        get(&proxy.url("/by-ip/x"), &via("198.51.100.2"))
+            .await
+            .status,
+        get(&proxy.url("/by-ip/x"), &via("198.51.100.3"))
+            .await
+            .status,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_of_n_allows_exactly_n_across_two_replicas() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;

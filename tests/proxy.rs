@@ -242,6 +242,56 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_configured_names_never_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "strip_headers = [\"X-Debug-User\"]").await;
+    let response = raw(
+        proxy.addr,
+        "GET /public/x HTTP/1.1\n\
+         Forwarded: for=10.0.0.1;proto=https;host=bank.example\n\
+         X-Real-IP: 10.0.0.1\n\
+         X-Client-IP: 10.0.0.1\n\
+         True-Client-IP: 10.0.0.1\n\
+         X-Forwarded-Port: 443\n\
+         X-Forwarded-Prefix: /admin\n\
+         X-Forwarded-Server: bank.example\n\
+         X-Original-URL: /admin/delete\n\
+         X-Original-URI: /admin/delete\n\
+         X-Rewrite-URL: /admin/delete\n\
+         X_Real_IP: 10.0.0.1\n\
+         X-Debug-User: admin\n\
+         X-Custom: kept",
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last();
+    let names: Vec<&str> = seen.headers.iter().map(|(n, _)| n.as_str()).collect();
+    for name in [
+        "forwarded",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x_real_ip",
+        "x-debug-user",
+    ] {
+        assert!(
+            !names.contains(&name),
+            "{name} reached the upstream: {names:?}"
+        );
+    }
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_and_connection_named_headers_are_not_forwarded() {
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;
@@ -298,6 +348,10 @@ async fn path_tricks_never_reach_a_route_other_than_the_checked_one() {
         "/public/../../admin",
         "/%2e%2e/admin",
         "/public/%zz",
+        // Tomcat, Jetty and Spring strip `;x` from a segment before resolving dot segments.
+        "/public/..;/admin",
+        "/public/..;jsessionid=1/admin",
+        "/public/.;x/../admin",
     ] {
         let response = raw(proxy.addr, &format!("GET {path} HTTP/1.1"), b"").await;
         assert_eq!(response.status, 400, "{path}: {}", response.body);
@@ -875,7 +929,7 @@ async fn admin_listener_serves_health_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_head_on_a_keep_alive_connection_gets_the_whole_header_read_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -884,27 +938,10 @@ async fn the_next_head_on_a_keep_alive_connection_gets_the_whole_header_read_tim
     stream.write_all(b"GET /public HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     stream.write_all(b"Host: x\r\n\r\n").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
     // The whole first answer: its head, then Content-Length bytes of body.
-    loop {
-        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text
-                .split("\r\n")
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap();
-            if got.len() >= end + 4 + length {
-                break;
-            }
-        }
-        let n = stream.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the first answer");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let first = read_one_answer(&mut stream).await;
     let answered = std::time::Instant::now();
-    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     stream
         .write_all(b"GET /public HTTP/1.1\r\nX-Slow: ")
         .await
@@ -960,6 +997,78 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_is_closed_at_the_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
+    // Nothing at all; a byte that could still begin the HTTP/2 preface; the preface and an
+    // empty SETTINGS frame (an HTTP/2 connection that never opens a stream).
+    let openings: [&[u8]; 3] = [
+        b"",
+        b"P",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    ];
+    for opening in openings {
+        let started = std::time::Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(opening).await.unwrap();
+        read_until_closed(&mut stream).await;
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= std::time::Duration::from_millis(900),
+            "{opening:?}: closed too early, {elapsed:?}"
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+
+    // Once a request has come, the deadline is off: a keep-alive connection that sends a
+    // request every 600 ms is still served 1.8 s after it opened.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 0..4 {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        }
+        stream
+            .write_all(b"GET /public HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_one_answer(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+    }
+    assert_eq!(upstream.count(), 4);
+    proxy.stop().await;
+}
+
+/// Reads one whole answer (its head, then `Content-Length` bytes of body) from a keep-alive
+/// connection.
+async fn read_one_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    loop {
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// An HTTPS upstream (certificate `cert`) that answers each request head on a connection with

@@ -60,8 +60,22 @@ pub struct ServerConfig {
     /// balancers in front of the proxy. From any other peer the header is replaced by the
     /// peer's own address, as DESIGN.md's "inbound copies are always removed first" has it.
     pub trusted_proxies: Vec<IpNetwork>,
+    /// Request headers removed before anything reads them, besides the ones the proxy always
+    /// removes (DESIGN.md's "configured names"): lower case, valid names, none that a check
+    /// reads.
+    pub strip_headers: Vec<http::HeaderName>,
     pub tls: Option<TlsConfig>,
 }
+
+/// Request headers the checks read, which `[server] strip_headers` may not name.
+const READ_BY_CHECKS: [&str; 6] = [
+    "host",
+    "authorization",
+    "x-signature",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+];
 
 /// An address or a network (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`) in `server.trusted_proxies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -722,6 +736,27 @@ impl Validator<'_> {
                 }
             })
             .collect();
+        let strip_headers = raw
+            .strip_headers
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let key = format!("server.strip_headers[{i}]");
+                let lower = name.trim().to_ascii_lowercase();
+                if READ_BY_CHECKS.contains(&lower.as_str()) {
+                    self.error(key, format!("{name:?} is read by the proxy's checks"));
+                    return None;
+                }
+                match http::HeaderName::from_bytes(lower.as_bytes()) {
+                    Ok(header) => Some(header),
+                    Err(_) => {
+                        self.error(key, format!("{name:?} is not a header name"));
+                        None
+                    }
+                }
+            })
+            .collect();
         let tls = raw.tls.map(|t| self.tls(t));
         ServerConfig {
             listen,
@@ -731,6 +766,7 @@ impl Validator<'_> {
             header_read_timeout,
             busy_poll,
             trusted_proxies,
+            strip_headers,
             tls,
         }
     }
@@ -1634,6 +1670,41 @@ mod tests {
             "{e:?}"
         );
         assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn strip_headers_are_header_names_the_checks_do_not_read() {
+        let c = parse(
+            "[server]\nstrip_headers = [\"X-Debug-User\", \" x-internal \"]\n",
+            &[],
+        )
+        .unwrap();
+        let names: Vec<&str> = c.server.strip_headers.iter().map(|h| h.as_str()).collect();
+        assert_eq!(names, ["x-debug-user", "x-internal"]);
+        assert!(parse("", &[]).unwrap().server.strip_headers.is_empty());
+        let e = errors(
+            "[server]\nstrip_headers = [\"Authorization\", \"bad name\", \"\", \"x-ok\", \"host\"]\n",
+            &[],
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "server.strip_headers[0]: \"Authorization\" is read by the proxy's checks"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("server.strip_headers[1]: \"bad name\" is not a header name"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with("server.strip_headers[2]: \"\" is not a header name"),
+            "{e:?}"
+        );
+        assert!(
+            e[3].starts_with("server.strip_headers[4]: \"host\" is read"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) struct RawServer {
     pub(crate) header_read_timeout: Option<String>,
     pub(crate) busy_poll: Option<bool>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) strip_headers: Option<Vec<String>>,
     pub(crate) tls: Option<RawTls>,
 }
 

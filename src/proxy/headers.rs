@@ -38,7 +38,7 @@ pub(crate) const X_FORWARDED_CLIENT_CERT: HeaderName =
 /// Removes hop-by-hop headers and every header named in `Connection` (except `Host`, which is
 /// end-to-end by definition and needed by the checks).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, false);
+    strip(headers, None);
 }
 
 /// An HTTP/2 request's `cookie` fields as the one line an HTTP/1.1 request carries, joined with
@@ -104,24 +104,46 @@ pub(crate) fn one_content_length(headers: &mut HeaderMap, status: http::StatusCo
     }
 }
 
-/// Removes hop-by-hop headers as [`remove_hop_by_hop`] does, and every header a client could
-/// use to pose as a verified identity: `x-auth-*` and `x-forwarded-client-cert`, and the
-/// names the proxy sets spelled with `_` for `-` (`X_Auth_Subject`, `X_Forwarded_For`).
-pub(crate) fn remove_hop_by_hop_and_spoofable(headers: &mut HeaderMap) {
-    strip(headers, true);
+/// Removes hop-by-hop headers as [`remove_hop_by_hop`] does, every header a client could
+/// use to pose as a verified identity (`x-auth-*` and `x-forwarded-client-cert`, and the
+/// names the proxy sets spelled with `_` for `-`: `X_Auth_Subject`, `X_Forwarded_For`), every
+/// header of [`FORWARDING`], and the names of `[server] strip_headers` (`configured`).
+pub(crate) fn remove_hop_by_hop_and_spoofable(headers: &mut HeaderMap, configured: &[HeaderName]) {
+    strip(headers, Some(configured));
 }
+
+/// Headers that say where a request came from or what it asked for, which a client could
+/// use to mislead the upstream and the proxy never sends: the client's address other than in
+/// `X-Forwarded-For` (`Forwarded`, `X-Real-IP` and the like), the rest of what a load
+/// balancer in front may have seen, and a path some frameworks route on instead of the
+/// request's own, which the route check never saw (`X-Original-URL`, `X-Rewrite-URL`).
+pub(crate) const FORWARDING: [&str; 10] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+];
 
 /// One look at every name first, then removal of only what is there: most messages carry
 /// none of these headers, or only `Connection`, and a removal by name costs a hash look-up
-/// where a comparison of names mostly does not.
-fn strip(headers: &mut HeaderMap, spoofable: bool) {
+/// where a comparison of names mostly does not. `spoofable`: also the headers a client could
+/// spoof, with the configured names to strip.
+fn strip(headers: &mut HeaderMap, spoofable: Option<&[HeaderName]>) {
     let mut present = [false; HOP_BY_HOP_COUNT];
     let mut spoofed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-        } else if spoofable && is_spoofable(name) {
-            spoofed.push(name.clone());
+        } else if let Some(configured) = spoofable {
+            if is_spoofable(name) || configured.contains(name) {
+                spoofed.push(name.clone());
+            }
         }
     }
     // HOP_BY_HOP[0] is Connection: the names it lists go first, while it is still there.
@@ -142,6 +164,7 @@ fn is_spoofable(name: &HeaderName) -> bool {
     let name = name.as_str();
     name.starts_with("x-auth-")
         || name == X_FORWARDED_CLIENT_CERT.as_str()
+        || FORWARDING.contains(&name)
         || (name.contains('_') && is_lookalike(name))
 }
 
@@ -160,6 +183,9 @@ fn is_lookalike(name: &str) -> bool {
         ]
         .iter()
         .any(|own| own.as_str().len() == name.len() && starts_with_dashed(name, own.as_str()))
+        || FORWARDING
+            .iter()
+            .any(|own| own.len() == name.len() && starts_with_dashed(name, own))
 }
 
 /// `name` starts with `prefix` when each `_` of `name` is read as `-`.
@@ -375,9 +401,33 @@ mod tests {
             HeaderValue::from_static("Hash=00"),
         );
         h.insert("x-authority", HeaderValue::from_static("kept"));
-        remove_hop_by_hop_and_spoofable(&mut h);
+        remove_hop_by_hop_and_spoofable(&mut h, &[]);
         assert_eq!(h.len(), 1);
         assert_eq!(h.get("x-authority").unwrap(), "kept");
+    }
+
+    #[test]
+    fn forwarding_headers_and_configured_names_are_removed() {
+        let mut h = HeaderMap::new();
+        for name in FORWARDING {
+            h.insert(name, HeaderValue::from_static("spoofed"));
+        }
+        h.insert("x_real_ip", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-debug-user", HeaderValue::from_static("admin"));
+        h.insert("x-forwarded-portal", HeaderValue::from_static("kept"));
+        h.insert("x-real-ipv6", HeaderValue::from_static("kept"));
+        let configured = [HeaderName::from_static("x-debug-user")];
+        remove_hop_by_hop_and_spoofable(&mut h, &configured);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("x-forwarded-portal") && h.contains_key("x-real-ipv6"));
+
+        // Hop-by-hop removal alone (responses) leaves them.
+        let mut response = HeaderMap::new();
+        response.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        response.insert("x-debug-user", HeaderValue::from_static("u"));
+        remove_hop_by_hop(&mut response);
+        assert_eq!(response.len(), 2);
     }
 
     #[test]
@@ -439,6 +489,10 @@ mod tests {
             "x-forwarded_proto",
             "x_forwarded_host",
             "x_request_id",
+            // The forwarding headers the proxy removes read the same way.
+            "x_forwarded_port",
+            "x_real_ip",
+            "x_original_url",
         ] {
             assert!(is_lookalike(name), "{name}");
         }
@@ -446,7 +500,8 @@ mod tests {
             "x_auth",
             "x_authorization",
             "x_forwarded_for_x",
-            "x_forwarded_port",
+            "x_forwarded_portal",
+            "x_real_ipv6",
             "x_request",
             "x_",
             "my_x_auth_subject",

@@ -240,7 +240,10 @@ impl Proxy {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Rejection> {
         let (mut parts, body) = request.into_parts();
-        headers::remove_hop_by_hop_and_spoofable(&mut parts.headers);
+        headers::remove_hop_by_hop_and_spoofable(
+            &mut parts.headers,
+            &self.config.server.strip_headers,
+        );
         // CONNECT asks for a tunnel, which is not proxied: a 2xx answer to it would make the
         // upstream connection one (RFC 9112 section 6.3), whatever the route allows.
         if parts.method == http::Method::CONNECT {
@@ -302,7 +305,7 @@ impl Proxy {
         outcome.client = identity.signature.as_ref().map(|s| s.client.clone());
         check_permissions(route, &identity)?;
         let rate_headers = self
-            .check_rate_limit(route, &identity, conn, request_id_text)
+            .check_rate_limit(route, &identity, conn, &parts.headers, request_id_text)
             .await?;
 
         // Forward in origin form: the normalised path, the original query.
@@ -530,21 +533,28 @@ impl Proxy {
         route: &Route,
         identity: &Identity,
         conn: &ConnectionInfo,
+        headers: &http::HeaderMap,
         request_id: &str,
     ) -> Result<Vec<(&'static str, String)>, Rejection> {
         let Some(limit) = &route.rate_limit else {
             return Ok(Vec::new());
         };
-        // Configuration validation ties each key kind to the check that provides it.
+        // Configuration validation ties each key kind to the check that provides it, so only
+        // a token without `sub` leaves the caller unnamed.
         let who = match limit.key {
-            RateLimitKey::Subject => identity.token.as_ref().and_then(|t| t.subject.clone()),
-            RateLimitKey::Client => identity.signature.as_ref().map(|s| s.client.clone()),
-            RateLimitKey::Certificate => {
-                conn.client_cert.as_ref().map(|c| hex::encode(c.der_sha256))
-            }
-            RateLimitKey::Ip => Some(conn.peer.ip().to_string()),
-        }
-        .unwrap_or_default();
+            RateLimitKey::Subject => subject_bucket(identity.token.as_deref())?,
+            RateLimitKey::Client => identity
+                .signature
+                .as_ref()
+                .map(|s| s.client.clone())
+                .unwrap_or_default(),
+            RateLimitKey::Certificate => conn
+                .client_cert
+                .as_ref()
+                .map(|c| hex::encode(c.der_sha256))
+                .unwrap_or_default(),
+            RateLimitKey::Ip => self.client_ip(conn, headers).to_string(),
+        };
         let key = format!("{}:{}", route.name, who);
         match self
             .rate_limits
@@ -597,6 +607,37 @@ impl Proxy {
             body_sha256_hex: body_sha256,
         };
         Ok(self.signatures.verify(header, request, SystemTime::now())?)
+    }
+
+    /// The client's address: the connection's peer, or, when the peer is one of
+    /// `server.trusted_proxies`, the last address of the `X-Forwarded-For` it sent that is not
+    /// one of them (read from the right, as nginx's `real_ip_recursive` does: only what a
+    /// trusted proxy appended can be believed). Behind a load balancer, the peer is the
+    /// balancer, and one allowance for all its clients would let any of them use it up.
+    fn client_ip(&self, conn: &ConnectionInfo, headers: &http::HeaderMap) -> std::net::IpAddr {
+        let peer = conn.peer.ip();
+        if !self.trusts(conn) {
+            return peer;
+        }
+        let trusted = &self.config.server.trusted_proxies;
+        let lines: Vec<&str> = headers
+            .get_all(headers::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            match entry.parse::<std::net::IpAddr>() {
+                Ok(ip) if trusted.iter().any(|net| net.contains(ip)) => {}
+                Ok(ip) => return ip.to_canonical(),
+                // Not an address: what is left of it cannot be believed either.
+                Err(_) => return peer,
+            }
+        }
+        peer
     }
 
     /// Whether the connection's peer is one of `server.trusted_proxies`.
@@ -736,6 +777,25 @@ impl Future for RequeueOnce {
         self.0 = true;
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// The caller a subject-keyed rate limit counts: the token's issuer and `sub`, since two
+/// issuers may each have a user of the same name. The issuer goes first with its length, so no
+/// pair of issuer and subject reads as another. A token without `sub` names nobody: one
+/// allowance shared by all such tokens would let any of them use up the others', so it is
+/// refused.
+fn subject_bucket(token: Option<&VerifiedToken>) -> Result<String, Rejection> {
+    match token {
+        Some(VerifiedToken {
+            issuer,
+            subject: Some(subject),
+            ..
+        }) => Ok(format!("{}:{issuer}:{subject}", issuer.len())),
+        _ => Err(AuthError::MissingClaim(
+            "this route's rate limit counts by subject, and the token has no sub".into(),
+        )
+        .into()),
     }
 }
 

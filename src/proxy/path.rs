@@ -22,6 +22,9 @@ pub enum InvalidPath {
     Nul,
     /// A `..` segment that would climb above the root.
     AboveRoot,
+    /// A `.` or `..` segment with parameters (`..;x`): servers that strip a segment's
+    /// parameters (Tomcat, Jetty, Spring) climb where the route check did not.
+    DotSegmentWithParameters,
 }
 
 impl fmt::Display for InvalidPath {
@@ -33,6 +36,9 @@ impl fmt::Display for InvalidPath {
             Self::Backslash => "the path holds a \\",
             Self::Nul => "the path holds a NUL",
             Self::AboveRoot => "the path climbs above the root with ..",
+            Self::DotSegmentWithParameters => {
+                "the path holds a . or .. segment with parameters (;)"
+            }
         })
     }
 }
@@ -113,6 +119,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
                     return Err(InvalidPath::AboveRoot);
                 }
             }
+            s if is_dot_with_parameters(s) => return Err(InvalidPath::DotSegmentWithParameters),
             s => segments.push(s),
         }
     }
@@ -127,6 +134,13 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     Ok(Cow::Owned(out))
 }
 
+/// `.;x` or `..;x`: a dot segment once its parameters are stripped.
+fn is_dot_with_parameters(segment: &str) -> bool {
+    segment
+        .split_once(';')
+        .is_some_and(|(name, _)| name == "." || name == "..")
+}
+
 fn needs_work(bytes: &[u8]) -> bool {
     let mut prev = 0u8;
     for (i, &b) in bytes.iter().enumerate() {
@@ -136,7 +150,7 @@ fn needs_work(bytes: &[u8]) -> bool {
             b'.' if prev == b'/' => {
                 // "/." followed by end, "/" or "." is a dot segment.
                 match bytes.get(i + 1) {
-                    None | Some(b'/') | Some(b'.') => return true,
+                    None | Some(b'/') | Some(b'.') | Some(b';') => return true,
                     _ => {}
                 }
             }
@@ -201,6 +215,9 @@ mod tests {
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
             ("/..a/b", "/..a/b"),
+            ("/a;v=1/b", "/a;v=1/b"),
+            ("/a/...;x/b", "/a/...;x/b"),
+            ("/a/x..;/b", "/a/x..;/b"),
             ("/caf\u{e9}/x", "/caf\u{e9}/x"),
         ];
         for (input, want) in cases {
@@ -221,6 +238,13 @@ mod tests {
             ("/%2e%2e/x", InvalidPath::AboveRoot),
             ("/a%zz", InvalidPath::BrokenEscape),
             ("/a%4", InvalidPath::BrokenEscape),
+            ("/public/..;/admin", InvalidPath::DotSegmentWithParameters),
+            ("/public/.;x/admin", InvalidPath::DotSegmentWithParameters),
+            (
+                "/public/%2e%2e;jsessionid=1/admin",
+                InvalidPath::DotSegmentWithParameters,
+            ),
+            ("/a/..;", InvalidPath::DotSegmentWithParameters),
             ("a/b", InvalidPath::NotAbsolute),
         ];
         for (input, want) in cases {

@@ -11,7 +11,10 @@ pub mod tls;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -173,7 +176,7 @@ impl Server {
                         match acceptor {
                             None => {
                                 let conn_info = ConnectionInfo::new(peer, false, None);
-                                serve(&builder, watcher, Coalesced(TokioIo::new(stream)), proxy, conn_info).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(stream)), proxy, conn_info, handshake_timeout).await;
                             }
                             Some(acceptor) => {
                                 let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -195,7 +198,7 @@ impl Server {
                                     .and_then(|der| ClientCert::from_der(der))
                                     .map(Arc::new);
                                 let conn_info = ConnectionInfo::new(peer, true, client_cert);
-                                serve(&builder, watcher, Coalesced(TokioIo::new(tls_stream)), proxy, conn_info).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(tls_stream)), proxy, conn_info, handshake_timeout).await;
                             }
                         }
                     });
@@ -254,25 +257,63 @@ impl Drop for AbortOnDrop {
 }
 
 /// Serves one connection (plain or TLS) until it ends or the drain closes it.
+///
+/// A connection that has not sent a whole request head within `first_request_timeout` (the
+/// header-read timeout) is closed. hyper's own header-read timeout covers an HTTP/1.1
+/// connection only once it is known to be one, which takes up to 24 bytes (the length of the
+/// HTTP/2 preface), and HTTP/2 has none: without this, a client could hold a connection, and
+/// its file descriptor, by sending nothing, or a few bytes, or only the HTTP/2 preface.
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: drain::Watcher,
     io: I,
     proxy: Arc<Proxy>,
     conn_info: ConnectionInfo,
+    first_request_timeout: Duration,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn_info.peer;
     let conn_info = Arc::new(conn_info);
+    let requested = Arc::new(AtomicBool::new(false));
+    let seen = requested.clone();
     let service = service_fn(move |request| {
+        seen.store(true, Ordering::Relaxed);
         let proxy = proxy.clone();
         let conn_info = conn_info.clone();
         async move { Ok::<_, Infallible>(proxy.handle(request, &conn_info).await) }
     });
     let conn = builder.serve_connection(io, service).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+    let mut conn = std::pin::pin!(watcher.watch(conn));
+    // Polled only until the first request arrives; then dropped.
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> =
+        Some(Box::pin(tokio::time::sleep(first_request_timeout)));
+    let ended = std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        if let Some(sleep) = deadline.as_mut() {
+            if requested.load(Ordering::Relaxed) {
+                deadline = None;
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    match ended {
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+        }
+        Some(Ok(())) => {}
+        None => {
+            tracing::debug!(
+                peer = %peer,
+                timeout = ?first_request_timeout,
+                "no request within the header-read timeout; connection closed"
+            );
+        }
     }
 }
 

@@ -113,14 +113,22 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// The emission interval in microseconds: `window / limit`, at least 1.
 ///
-/// Rounded down, so that `limit` requests always fit in one burst; the sustained rate is then
-/// faster than `limit / window` by less than one microsecond per request.
+/// Rounded down, so the sustained rate is faster than `limit / window` by less than one
+/// microsecond per request.
 pub(crate) fn emission_us(limit: u64, window: Duration) -> u64 {
     (window_us(window) / limit.max(1)).max(1)
 }
 
+/// The burst tolerance in microseconds: `limit` emission intervals, so that a burst is exactly
+/// `limit` requests. The window itself would let `window / emission` through, more than
+/// `limit` whenever the division rounds (7,042 of a limit of 7,000 per second), and no more
+/// than 1,000,000 a second of a larger limit.
+pub(crate) fn burst_us(limit: u64, window: Duration) -> u64 {
+    emission_us(limit, window).saturating_mul(limit.max(1))
+}
+
 /// The window in microseconds, at least 1.
-pub(crate) fn window_us(window: Duration) -> u64 {
+fn window_us(window: Duration) -> u64 {
     u64::try_from(window.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -145,7 +153,7 @@ pub(crate) fn gcra(
     window: Duration,
 ) -> (RateDecision, Option<u64>) {
     let e = emission_us(limit, window);
-    let w = window_us(window);
+    let w = burst_us(limit, window);
     let tat = tat.unwrap_or(now).max(now);
     let new_tat = tat.saturating_add(e);
     let allow_at = new_tat.saturating_sub(w);
@@ -299,6 +307,33 @@ mod tests {
         let (d, _) = gcra(tat, now, 10, W);
         assert!(d.allowed);
         assert_eq!(d.remaining, 0);
+    }
+
+    #[test]
+    fn a_burst_is_exactly_the_limit_when_the_window_does_not_divide_evenly() {
+        for (limit, window) in [
+            (7_000, Duration::from_secs(1)),
+            (3, Duration::from_secs(2)),
+            (2_000, Duration::from_millis(2_001)),
+            (600_000, Duration::from_secs(1)),
+            (2_000_000, Duration::from_secs(1)),
+            (1, Duration::from_secs(1)),
+        ] {
+            let (mut tat, now, mut passed) = (None, 5_000_000_000, 0u64);
+            loop {
+                let (d, t) = gcra(tat, now, limit, window);
+                if !d.allowed {
+                    break;
+                }
+                passed += 1;
+                tat = t;
+                assert!(
+                    passed <= limit,
+                    "{limit} per {window:?}: more than the limit"
+                );
+            }
+            assert_eq!(passed, limit, "{limit} per {window:?}");
+        }
     }
 
     #[test]

@@ -13,11 +13,12 @@
 
 use std::time::Duration;
 
-use super::ratelimit::{emission_us, refuse_all, window_us, RateDecision, RateLimiter};
+use super::ratelimit::{burst_us, emission_us, refuse_all, RateDecision, RateLimiter};
 use super::redis::{LuaScript, RedisConnection};
 use super::StoreError;
 
-/// KEYS[1]: the bucket. ARGV: emission interval (us), window (us), limit.
+/// KEYS[1]: the bucket. ARGV: emission interval (us), burst tolerance (us: `limit` emission
+/// intervals), limit.
 /// Returns {allowed (0/1), remaining, reset_after (us), retry_after (us)}.
 const GCRA: &str = r"
 local e = tonumber(ARGV[1])
@@ -88,7 +89,7 @@ impl RateLimiter for RedisRateLimiter {
                 vec![format!("portcullis:rl:{{{key}}}")],
                 vec![
                     emission_us(limit, window).to_string(),
-                    window_us(window).to_string(),
+                    burst_us(limit, window).to_string(),
                     limit.to_string(),
                 ],
             )
