@@ -674,6 +674,7 @@ impl Validator<'_> {
             .filter_map(|(i, r)| self.route(i, r, &jwt, &signature, server.tls.as_ref()))
             .collect();
         self.route_warnings(&routes);
+        self.subject_limit_warnings(&routes, &jwt);
         if server.listen == admin.listen && server.listen.port() != 0 {
             self.error(
                 "admin.listen",
@@ -1463,6 +1464,28 @@ impl Validator<'_> {
         })
     }
 
+    /// A rate limit by subject refuses a token without `sub` (nobody to count), so an issuer
+    /// that does not require `sub` has tokens such a route turns away.
+    fn subject_limit_warnings(&mut self, routes: &[Route], jwt: &JwtConfig) {
+        for (i, route) in routes.iter().enumerate() {
+            let by_subject = route
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| l.key == RateLimitKey::Subject);
+            if !by_subject {
+                continue;
+            }
+            for (j, issuer) in jwt.issuers.iter().enumerate() {
+                if !issuer.required_claims.iter().any(|c| c == "sub") {
+                    self.warnings.push(format!(
+                        "routes[{i}] ({:?}) counts its rate limit by subject, and jwt.issuers[{j}] does not require sub: its tokens without one are refused there (401 missing_claim)",
+                        route.name
+                    ));
+                }
+            }
+        }
+    }
+
     fn route_warnings(&mut self, routes: &[Route]) {
         if routes.is_empty() {
             self.warnings
@@ -1596,6 +1619,32 @@ mod tests {
             );
         }
         assert!(parse(&routes(&["Transactions API v2", "api"]), &[]).is_ok());
+    }
+
+    #[test]
+    fn a_subject_limit_with_an_issuer_that_does_not_require_sub_is_worth_a_warning() {
+        let config = |claims: &str| {
+            format!(
+                "[[jwt.issuers]]\nissuer = \"https://i.test\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n\
+                 secrets = [{{ kid = \"k\", env = \"S\" }}]\n{claims}\n\
+                 [[routes]]\nname = \"limited\"\npath_prefix = \"/\"\nrequire = [\"jwt\"]\n\
+                 rate_limit = {{ requests = 10, per = \"1s\", key = \"subject\" }}\n"
+            )
+        };
+        let secret = [("S", "0123456789abcdef0123456789abcdef")];
+        let warned = |c: &Config| {
+            c.warnings
+                .iter()
+                .any(|w| w.contains("does not require sub"))
+        };
+        let c = parse(&config("required_claims = [\"exp\"]"), &secret).unwrap();
+        assert!(warned(&c), "{:?}", c.warnings);
+        assert!(c.warnings.iter().any(|w| w.starts_with(
+            "routes[0] (\"limited\") counts its rate limit by subject, and jwt.issuers[0]"
+        )));
+        // The default required claims include sub.
+        let c = parse(&config(""), &secret).unwrap();
+        assert!(!warned(&c), "{:?}", c.warnings);
     }
 
     #[test]
