@@ -337,6 +337,37 @@ conformance!(
 
 // ---- redis only ----
 
+/// The prune runs by the Redis server's clock (`TIME` in the script), and removes what it
+/// prunes from Redis itself, not only from the replica's mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_revocations_are_pruned_from_redis_by_its_clock() {
+    let server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&store).await;
+    let t = now();
+    let grace = portcullis::store::revocation::TOKEN_REVOCATION_GRACE_SECS;
+    let hash = "{portcullis}:revocations";
+    let port = server.addr().port();
+    for (field, exp) in [("jti:old", t - grace - 100), ("jti:recent", t - 10)] {
+        let exp = exp.to_string();
+        support::redis::redis_cli(port, &["HSET", hash, field, &exp]);
+    }
+    assert_eq!(support::redis::redis_cli(port, &["HLEN", hash]).trim(), "2");
+    // Listing loads the whole hash, pruning it first.
+    store.list(None, 100).await.unwrap();
+    let exists = |field: &str| support::redis::redis_cli(port, &["HEXISTS", hash, field]);
+    assert_eq!(
+        exists("jti:old").trim(),
+        "0",
+        "an expired revocation was kept in Redis"
+    );
+    assert_eq!(
+        exists("jti:recent").trim(),
+        "1",
+        "a revocation within the grace was pruned"
+    );
+}
+
 /// Revokes `jti` on `a` and waits for `b` (only ever asked `is_revoked`, a local lookup) to
 /// see it, then the same for the undo. Returns both times; each must be under a second.
 async fn propagates(

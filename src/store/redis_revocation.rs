@@ -88,12 +88,15 @@ redis.call('PUBLISH', ARGV[3], 'd:' .. ARGV[1])
 return 1
 ";
 
-/// KEYS[1]: the hash. ARGV: the oldest exp to keep. Deletes older token revocations and
-/// returns the rest as field, value, field, value...
+/// KEYS[1]: the hash. ARGV: the grace in seconds. Deletes the token revocations whose exp is
+/// more than the grace before the Redis server's clock, and returns the rest as field, value,
+/// field, value... The server's clock, not the replica's that runs the script: a replica whose
+/// clock ran fast would otherwise delete revocations the others still need, and their next
+/// resync would drop them too.
 const DUMP: &str = r"
 local all = redis.call('HGETALL', KEYS[1])
 local out = {}
-local oldest = tonumber(ARGV[1])
+local oldest = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[1])
 for i = 1, #all, 2 do
   local field, value = all[i], all[i + 1]
   if string.sub(field, 1, 4) == 'jti:' and (tonumber(value) or oldest) < oldest then
@@ -272,9 +275,12 @@ async fn dump(
     connection: &RedisConnection,
     script: &LuaScript,
 ) -> Result<RevocationSet, StoreError> {
-    let oldest = unix_now().saturating_sub(TOKEN_REVOCATION_GRACE_SECS);
     let flat: Vec<String> = connection
-        .run_script(script, vec![HASH.to_owned()], vec![oldest.to_string()])
+        .run_script(
+            script,
+            vec![HASH.to_owned()],
+            vec![TOKEN_REVOCATION_GRACE_SECS.to_string()],
+        )
         .await?;
     let mut set = RevocationSet::default();
     for pair in flat.chunks_exact(2) {
