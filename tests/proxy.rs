@@ -1042,6 +1042,43 @@ async fn a_connection_that_sends_no_request_is_closed_at_the_header_read_timeout
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_connection_waits_until_one_ends() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "max_connections = 2").await;
+    const REQUEST: &[u8] = b"GET /public HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Two keep-alive connections, each answered once and held open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(REQUEST).await.unwrap();
+        assert!(read_one_answer(&mut stream)
+            .await
+            .starts_with("HTTP/1.1 200"));
+        held.push(stream);
+    }
+    // A third connects (the kernel's backlog takes it) but is not served.
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    third.write_all(REQUEST).await.unwrap();
+    let mut byte = [0u8; 1];
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(700),
+        tokio::io::AsyncReadExt::read(&mut third, &mut byte),
+    )
+    .await;
+    assert!(waited.is_err(), "a third connection was served: {waited:?}");
+    // The admin listener is not counted.
+    let health = get(&format!("http://{}/healthz", proxy.admin), &[]).await;
+    assert_eq!(health.status, 200);
+    // Once one of the two ends, the third is served.
+    drop(held.remove(0));
+    let answer = read_one_answer(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.count(), 3);
+    proxy.stop().await;
+}
+
 /// Reads one whole answer (its head, then `Content-Length` bytes of body) from a keep-alive
 /// connection.
 async fn read_one_answer(stream: &mut tokio::net::TcpStream) -> String {

@@ -64,8 +64,18 @@ pub struct ServerConfig {
     /// removes (DESIGN.md's "configured names"): lower case, valid names, none that a check
     /// reads.
     pub strip_headers: Vec<http::HeaderName>,
+    /// Client connections served at once; past it, new ones wait in the listen backlog until
+    /// one ends (HAProxy's `maxconn`). The admin listener is not counted.
+    pub max_connections: usize,
     pub tls: Option<TlsConfig>,
 }
+
+/// `[server] max_connections` when not set: about 40 KiB a connection (bench/README.md) makes
+/// this some 400 MiB at the most.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The largest `[server] max_connections` taken.
+const MAX_MAX_CONNECTIONS: u64 = 1_000_000;
 
 /// Request headers the checks read, which `[server] strip_headers` may not name.
 const READ_BY_CHECKS: [&str; 6] = [
@@ -758,6 +768,19 @@ impl Validator<'_> {
                 }
             })
             .collect();
+        let mut max_connections = self.positive(
+            "server.max_connections",
+            raw.max_connections,
+            DEFAULT_MAX_CONNECTIONS as u64,
+            false,
+        );
+        if max_connections > MAX_MAX_CONNECTIONS {
+            self.error(
+                "server.max_connections",
+                format!("{max_connections} is more than {MAX_MAX_CONNECTIONS}"),
+            );
+            max_connections = DEFAULT_MAX_CONNECTIONS as u64;
+        }
         let tls = raw.tls.map(|t| self.tls(t));
         ServerConfig {
             listen,
@@ -768,6 +791,8 @@ impl Validator<'_> {
             busy_poll,
             trusted_proxies,
             strip_headers,
+            // At most MAX_MAX_CONNECTIONS, checked above.
+            max_connections: max_connections as usize,
             tls,
         }
     }
@@ -1719,6 +1744,24 @@ mod tests {
             "{e:?}"
         );
         assert!(!e[0].contains(":pw@"));
+    }
+
+    #[test]
+    fn max_connections_is_positive_and_bounded() {
+        assert_eq!(
+            parse("", &[]).unwrap().server.max_connections,
+            DEFAULT_MAX_CONNECTIONS
+        );
+        let c = parse("[server]\nmax_connections = 2\n", &[]).unwrap();
+        assert_eq!(c.server.max_connections, 2);
+        for (value, want) in [
+            ("0", "0 is out of range: it must be at least 1"),
+            ("-5", "-5 is out of range: it must be at least 1"),
+            ("1000001", "1000001 is more than 1000000"),
+        ] {
+            let e = errors(&format!("[server]\nmax_connections = {value}\n"), &[]);
+            assert_eq!(e, [format!("server.max_connections: {want}")], "{value}");
+        }
     }
 
     #[test]

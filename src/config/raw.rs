@@ -33,6 +33,7 @@ pub(crate) struct RawServer {
     pub(crate) busy_poll: Option<bool>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) strip_headers: Option<Vec<String>>,
+    pub(crate) max_connections: Option<i64>,
     pub(crate) tls: Option<RawTls>,
 }
 

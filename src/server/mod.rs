@@ -15,13 +15,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use timer::PooledTimer;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::admin::Admin;
 use crate::auth::mtls::ClientCert;
@@ -66,6 +67,8 @@ pub struct Server {
     drain_timeout: Duration,
     header_read_timeout: Duration,
     busy_poll: bool,
+    /// One permit for each client connection served (`server.max_connections`).
+    connections: Arc<Semaphore>,
     // Held so that background key refreshes live as long as the server.
     _keys: Arc<KeyStore>,
 }
@@ -108,6 +111,7 @@ impl Server {
             drain_timeout: config.server.drain_timeout,
             header_read_timeout: config.server.header_read_timeout,
             busy_poll: config.server.busy_poll,
+            connections: Arc::new(Semaphore::new(config.server.max_connections)),
             _keys: keys,
         })
     }
@@ -153,10 +157,22 @@ impl Server {
             admin = %self.admin_addr(),
             "portcullis is serving"
         );
+        let mut warned_full: Option<Instant> = None;
         loop {
+            // At `max_connections`, new connections wait in the listen backlog (as with
+            // HAProxy's `maxconn`) until one ends; the admin listener is served meanwhile.
+            let full = self.connections.available_permits() == 0;
+            if full && warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                tracing::warn!(
+                    "server.max_connections reached: new connections wait until one ends"
+                );
+                warned_full = Some(Instant::now());
+            }
             tokio::select! {
                 () = &mut shutdown => break,
-                accepted = self.listener.accept() => {
+                // A connection ended: accept again.
+                _ended = self.connections.acquire(), if full => continue,
+                accepted = self.listener.accept(), if !full => {
                     let (stream, peer) = match accepted {
                         Ok(pair) => pair,
                         Err(e) => {
@@ -166,6 +182,10 @@ impl Server {
                             continue;
                         }
                     };
+                    // Only this loop takes permits, and one was free when it began.
+                    let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let proxy = self.proxy.clone();
                     let builder = builder.clone();
@@ -173,6 +193,8 @@ impl Server {
                     let acceptor = self.tls.as_ref().map(|t| t.acceptor());
                     let handshake_timeout = self.header_read_timeout;
                     tokio::spawn(async move {
+                        // Held for as long as the connection is served.
+                        let _permit = permit;
                         match acceptor {
                             None => {
                                 let conn_info = ConnectionInfo::new(peer, false, None);
@@ -236,6 +258,9 @@ impl Server {
         Ok(())
     }
 }
+
+/// How often, at most, reaching `server.max_connections` is logged.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Keeps the worker from sleeping: a task that is always ready to run, so that tokio's
 /// scheduler, finding nothing else to do, polls for I/O with a zero timeout (`epoll_wait` with
