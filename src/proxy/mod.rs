@@ -620,12 +620,13 @@ impl Proxy {
             return peer;
         }
         let trusted = &self.config.server.trusted_proxies;
-        let lines: Vec<&str> = headers
+        let from_the_right = headers
             .get_all(headers::X_FORWARDED_FOR)
             .iter()
+            .rev()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+            .flat_map(|line| line.rsplit(','));
+        for entry in from_the_right {
             let entry = entry.trim();
             if entry.is_empty() {
                 continue;

@@ -191,17 +191,17 @@ impl Server {
                     let builder = builder.clone();
                     let watcher = drain.watcher();
                     let acceptor = self.tls.as_ref().map(|t| t.acceptor());
-                    let handshake_timeout = self.header_read_timeout;
+                    let header_read_timeout = self.header_read_timeout;
                     tokio::spawn(async move {
                         // Held for as long as the connection is served.
                         let _permit = permit;
                         match acceptor {
                             None => {
                                 let conn_info = ConnectionInfo::new(peer, false, None);
-                                serve(&builder, watcher, Coalesced(TokioIo::new(stream)), proxy, conn_info, handshake_timeout).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(stream)), proxy, conn_info, header_read_timeout).await;
                             }
                             Some(acceptor) => {
-                                let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                let tls_stream = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                                     Ok(Ok(s)) => s,
                                     Ok(Err(e)) => {
                                         tracing::debug!(peer = %peer, error = %e, "TLS handshake refused");
@@ -220,7 +220,7 @@ impl Server {
                                     .and_then(|der| ClientCert::from_der(der))
                                     .map(Arc::new);
                                 let conn_info = ConnectionInfo::new(peer, true, client_cert);
-                                serve(&builder, watcher, Coalesced(TokioIo::new(tls_stream)), proxy, conn_info, handshake_timeout).await;
+                                serve(&builder, watcher, Coalesced(TokioIo::new(tls_stream)), proxy, conn_info, header_read_timeout).await;
                             }
                         }
                     });
