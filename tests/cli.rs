@@ -341,3 +341,99 @@ fn busy_poll_needs_one_thread() {
         "{stdout}"
     );
 }
+
+/// The numbers of the file descriptors the process has open.
+fn open_fds(pid: u32) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The descriptor limit that leaves the process exactly `free` descriptors to open (a new
+/// descriptor takes the lowest free number, which must be below the limit).
+fn limit_leaving(pid: u32, free: u64) -> u64 {
+    let open = open_fds(pid);
+    (0..)
+        .find(|&limit| limit - open.iter().filter(|&&fd| fd < limit).count() as u64 == free)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_neither_listener_spins_and_both_recover() {
+    let upstream = Upstream::start().await;
+    let text = config_text(
+        upstream.addr,
+        "[[routes]]\nname = \"public\"\npath_prefix = \"/\"\nrequire = []\n",
+    )
+    .replace(
+        "drain_timeout = \"5s\"",
+        "drain_timeout = \"5s\"\nheader_read_timeout = \"30s\"",
+    );
+    let proxy = ProxyProcess::spawn(&text, &[]);
+    assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
+    let every = Duration::from_millis(50);
+    for listener in [proxy.admin, proxy.addr] {
+        // Room for two more descriptors: two connections are accepted and held, the rest wait
+        // in the backlog, and every accept of them fails with EMFILE.
+        let limit = limit_leaving(proxy.pid(), 2);
+        let set = Command::new("prlimit")
+            .arg(format!("--pid={}", proxy.pid()))
+            .arg(format!("--nofile={limit}:"))
+            .status()
+            .unwrap();
+        assert!(set.success(), "prlimit failed");
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(tokio::net::TcpStream::connect(listener).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let below = |limit: u64| {
+            open_fds(proxy.pid())
+                .iter()
+                .filter(|&&fd| fd < limit)
+                .count()
+        };
+        assert_eq!(below(limit), limit as usize, "{listener}: not at the limit");
+        let refused = |what: &str| {
+            let logs = proxy.logs.lock().unwrap();
+            logs.iter().filter(|line| line.contains(what)).count()
+        };
+        let what = if listener == proxy.admin {
+            "admin accept failed"
+        } else {
+            "\"accept failed"
+        };
+        assert!(refused(what) > 0, "{listener}: no accept failed");
+        // A loop that retried at once would keep the worker running all the time.
+        let runnable = runnable_samples(proxy.pid(), 20, every).await;
+        assert!(
+            runnable <= 6,
+            "{listener}: out of descriptors, running or ready in {runnable} of 20 looks"
+        );
+        // Once descriptors are free again, the waiting connections are accepted and served.
+        let unlimited = Command::new("prlimit")
+            .arg(format!("--pid={}", proxy.pid()))
+            .arg("--nofile=1024:")
+            .status()
+            .unwrap();
+        assert!(unlimited.success(), "prlimit failed");
+        let mut last = held.pop().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut last, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 12];
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_exact(&mut last, &mut answer),
+        )
+        .await
+        .expect("no answer once descriptors were free")
+        .unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200", "{listener}");
+        drop(held);
+        drop(last);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get(&proxy.url("/y"), &[]).await.status, 200);
+}

@@ -575,6 +575,23 @@ async fn an_ip_limit_behind_a_trusted_proxy_counts_each_client_it_forwards() {
         r.status, 200,
         "another client shares the first one's allowance"
     );
+    // The IPv4-mapped form of a client is that client.
+    let r = get(&proxy.url("/by-ip/x"), &via("::ffff:198.51.100.7")).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    // An IPv6 client counts by its /64: another address in it shares the allowance, a
+    // neighbouring /64 has its own.
+    for client in ["2001:db8:1:2::a", "2001:db8:1:2:ffff:ffff:ffff:ffff"] {
+        let r = get(&proxy.url("/by-ip/x"), &via(client)).await;
+        assert_eq!(r.status, 200, "{client}: {}", r.body);
+    }
+    let r = get(&proxy.url("/by-ip/x"), &via("2001:db8:1:2:1234::7")).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "rate_limited"),
+        "a third address of the same /64 has an allowance of its own"
+    );
+    let r = get(&proxy.url("/by-ip/x"), &via("2001:db8:1:3::a")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
     proxy.stop().await;
 
     // From a peer that is not trusted, X-Forwarded-For names nobody: one allowance.

@@ -1042,6 +1042,52 @@ async fn a_connection_that_sends_no_request_is_closed_at_the_header_read_timeout
     proxy.stop().await;
 }
 
+/// An HTTP/2 connection is closed (GOAWAY) once no request began or ended on it for the
+/// header-read timeout, as hyper closes an idle HTTP/1.1 one; one in use stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_and_a_busy_one_is_not() {
+    use http_body_util::BodyExt;
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "header_read_timeout = \"1s\"").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_millis(300))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    // A request every 600 ms for 3 s: the connection is in use, and stays open.
+    for i in 0..6 {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        }
+        let request = http::Request::get(format!("http://{}/public/{i}", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(upstream.count(), 6);
+    // Then nothing but pings, which the client answers: closed after one to two timeouts.
+    let idle_since = std::time::Instant::now();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(4), connection).await;
+    let idle = idle_since.elapsed();
+    assert!(
+        ended.is_ok(),
+        "an idle HTTP/2 connection was still open after {idle:?}"
+    );
+    assert!(
+        idle >= std::time::Duration::from_millis(900),
+        "closed too early, after {idle:?}"
+    );
+    assert!(sender.is_closed() || sender.ready().await.is_err());
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_a_new_connection_waits_until_one_ends() {
     use tokio::io::AsyncWriteExt;

@@ -420,6 +420,53 @@ async fn a_revocation_on_one_replica_rejects_the_token_on_another_within_a_secon
     }
 }
 
+/// Two replicas change the same entries at the same moment, one revoking and the other
+/// undoing. Whichever order Redis runs them in, once both calls have returned and the events
+/// have arrived, each replica's mirror holds what Redis holds: neither replica's own change
+/// lands in its mirror on top of a later one from the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_revokes_and_undos_on_two_replicas_leave_every_mirror_as_redis_holds_it() {
+    let server = RedisServer::start().await;
+    let a = redis_store(server.url(), Duration::from_secs(5)).await;
+    let b = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&a).await;
+    wait_current(&b).await;
+    let t = now();
+    const ROUNDS: usize = 400;
+    for i in 0..ROUNDS {
+        let revocation = token(&format!("jti-race-{i}"), t + 600);
+        // Revoked to begin with; then one replica undoes it while the other revokes it again.
+        a.revoke(&revocation).await.unwrap();
+        let (undo, redo) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (undo, redo) = (undo.clone(), redo.clone());
+        let (r1, r2) = (revocation.clone(), revocation.clone());
+        let undone = tokio::spawn(async move { undo.unrevoke(&r1).await });
+        let redone = tokio::spawn(async move { redo.revoke(&r2).await });
+        undone.await.unwrap().unwrap();
+        redone.await.unwrap().unwrap();
+    }
+    // Every event has arrived well before this (and before the 30-s resync that would mend a
+    // wrong mirror). A replica started now loads what Redis holds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = redis_store(server.url(), Duration::from_secs(5)).await;
+    wait_current(&c).await;
+    let mut wrong = Vec::new();
+    for i in 0..ROUNDS {
+        let jti = format!("jti-race-{i}");
+        let held = c.is_revoked(Some(&jti), None, None, t).unwrap();
+        for (name, replica) in [("a", &a), ("b", &b)] {
+            let mirrored = replica.is_revoked(Some(&jti), None, None, t).unwrap();
+            if mirrored != held {
+                wrong.push(format!("{jti} on {name}: {mirrored}, redis {held}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "mirrors that differ from redis: {wrong:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_later_loads_the_revocations_made_before() {
     let server = RedisServer::start().await;

@@ -808,8 +808,11 @@ fn is_list_safe(permission: &str) -> bool {
         && !permission.contains(|c: char| c == ',' || c.is_control())
 }
 
-/// `JWT` or `application/jwt`, in any case of letters: a nested token's `cty`.
+/// `JWT` or `application/jwt`, in any case of letters, with or without media type parameters
+/// (`application/jwt; charset=utf-8`) and the whitespace around them: a nested token's `cty`.
 fn is_jwt_media_type(cty: &str) -> bool {
+    let essence = cty.split(';').next().unwrap_or(cty);
+    let cty = essence.trim_matches([' ', '\t']);
     let subtype = match cty.get(..12) {
         Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &cty[12..],
         _ => cty,
@@ -1158,12 +1161,27 @@ mod tests {
 
     #[tokio::test]
     async fn nested_cty_jwt_is_rejected() {
-        for cty in ["JWT", "jwt", "application/jwt", "Application/JWT"] {
+        let nested = [
+            "JWT",
+            "jwt",
+            "application/jwt",
+            "Application/JWT",
+            "application/jwt; charset=utf-8",
+            " JWT ;x=y",
+            "jwt\t;",
+        ];
+        for cty in nested {
             let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "cty": cty});
             assert_err!(
                 check(&KEYS.es256.sign_with_header(&header, &claims())).await,
                 MalformedToken
             );
+        }
+        // Other content types are not nested tokens.
+        for cty in ["application/json", "jwt-claims", "application/jwtx; a=jwt"] {
+            let header = json!({"alg": "ES256", "kid": KEYS.es256.kid(), "cty": cty});
+            let token = KEYS.es256.sign_with_header(&header, &claims());
+            assert!(check(&token).await.is_ok(), "{cty}");
         }
     }
 

@@ -553,7 +553,7 @@ impl Proxy {
                 .as_ref()
                 .map(|c| hex::encode(c.der_sha256))
                 .unwrap_or_default(),
-            RateLimitKey::Ip => self.client_ip(conn, headers).to_string(),
+            RateLimitKey::Ip => ip_bucket(self.client_ip(conn, headers)),
         };
         let key = format!("{}:{}", route.name, who);
         match self
@@ -778,6 +778,20 @@ impl Future for RequeueOnce {
         self.0 = true;
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// The caller an `ip` rate limit counts: an IPv4 address (an IPv4-mapped IPv6 address counts
+/// as the IPv4 address it maps), or the /64 an IPv6 address belongs to. A /64 is the
+/// smallest network an IPv6 site is given, and one host can use any address in it: counted
+/// one address at a time, a single client would have 2^64 allowances.
+fn ip_bucket(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !(u128::MAX >> 64);
+            format!("{}/64", std::net::Ipv6Addr::from(network))
+        }
     }
 }
 

@@ -138,6 +138,18 @@ pub(crate) struct Watched<C> {
     shut_down: bool,
 }
 
+impl<C: GracefulConnection> Watched<C> {
+    /// Shuts this one connection down gracefully, as the drain would: the request in flight
+    /// is answered (HTTP/2: the streams already open), then the connection closes.
+    pub(crate) fn shut_down(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        if !this.shut_down {
+            this.shut_down = true;
+            this.conn.as_mut().graceful_shutdown();
+        }
+    }
+}
+
 impl<C: GracefulConnection> Future for Watched<C> {
     type Output = C::Output;
 

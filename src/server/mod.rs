@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -226,7 +226,16 @@ impl Server {
                     });
                 }
                 accepted = self.admin_listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // As for the main listener: an error that repeats (out of file
+                            // descriptors) must not turn this loop into a spin.
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
                     let admin = self.admin.clone();
                     let service = service_fn(move |request| {
                         let admin = admin.clone();
@@ -283,48 +292,73 @@ impl Drop for AbortOnDrop {
 
 /// Serves one connection (plain or TLS) until it ends or the drain closes it.
 ///
-/// A connection that has not sent a whole request head within `first_request_timeout` (the
+/// A connection that has not sent a whole request head within `idle_timeout` (the
 /// header-read timeout) is closed. hyper's own header-read timeout covers an HTTP/1.1
 /// connection only once it is known to be one, which takes up to 24 bytes (the length of the
 /// HTTP/2 preface), and HTTP/2 has none: without this, a client could hold a connection, and
 /// its file descriptor, by sending nothing, or a few bytes, or only the HTTP/2 preface.
+///
+/// After that, a connection on which no request began or ended for a whole `idle_timeout`
+/// is shut down gracefully (HTTP/2: GOAWAY), so it is closed after between one and two
+/// timeouts without a request. hyper closes an idle HTTP/1.1 connection at its header-read
+/// timeout already; an HTTP/2 client that answers pings would otherwise hold its connection
+/// for ever.
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: drain::Watcher,
     io: I,
     proxy: Arc<Proxy>,
     conn_info: ConnectionInfo,
-    first_request_timeout: Duration,
+    idle_timeout: Duration,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn_info.peer;
-    let conn_info = Arc::new(conn_info);
-    let requested = Arc::new(AtomicBool::new(false));
-    let seen = requested.clone();
+    let served = Arc::new(Served {
+        info: conn_info,
+        activity: AtomicU64::new(0),
+    });
+    let state = served.clone();
     let service = service_fn(move |request| {
-        seen.store(true, Ordering::Relaxed);
         let proxy = proxy.clone();
-        let conn_info = conn_info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request, &conn_info).await) }
+        let served = served.clone();
+        async move {
+            let _in_flight = InFlight::begin(&served.activity);
+            Ok::<_, Infallible>(proxy.handle(request, &served.info).await)
+        }
     });
     let conn = builder.serve_connection(io, service).into_owned();
     let mut conn = std::pin::pin!(watcher.watch(conn));
-    // Polled only until the first request arrives; then dropped.
-    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> =
-        Some(Box::pin(tokio::time::sleep(first_request_timeout)));
-    let ended = std::future::poll_fn(|cx| {
+    // `None` once the connection is being shut down.
+    let mut idle = Some(IdleTimer {
+        sleep: Box::pin(tokio::time::sleep(idle_timeout)),
+        seen: 0,
+    });
+    let ended = std::future::poll_fn(|cx| loop {
         if let Poll::Ready(result) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(result));
         }
-        if let Some(sleep) = deadline.as_mut() {
-            if requested.load(Ordering::Relaxed) {
-                deadline = None;
-            } else if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
+        let Some(timer) = idle.as_mut() else {
+            return Poll::Pending;
+        };
+        if timer.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
         }
-        Poll::Pending
+        let activity = state.activity.load(Ordering::Relaxed);
+        if activity == 0 {
+            // No request yet: closed at once, there is nothing to finish.
+            return Poll::Ready(None);
+        }
+        if activity == timer.seen && activity & IN_FLIGHT == 0 {
+            // Nothing began or ended for a whole period: polled once more to act on it.
+            idle = None;
+            conn.as_mut().shut_down();
+            tracing::debug!(peer = %peer, timeout = ?idle_timeout, "idle connection closed");
+            continue;
+        }
+        timer.seen = activity;
+        let next = tokio::time::Instant::now() + idle_timeout;
+        timer.sleep.as_mut().reset(next);
     })
     .await;
     match ended {
@@ -335,11 +369,45 @@ async fn serve<I>(
         None => {
             tracing::debug!(
                 peer = %peer,
-                timeout = ?first_request_timeout,
+                timeout = ?idle_timeout,
                 "no request within the header-read timeout; connection closed"
             );
         }
     }
+}
+
+/// One connection's facts and the count its idle timer reads.
+struct Served {
+    info: ConnectionInfo,
+    /// Requests in flight in the low 32 bits ([`IN_FLIGHT`]); above them, how many times a
+    /// request began or ended. One atomic add a begin and one an end.
+    activity: AtomicU64,
+}
+
+/// The bits of [`Served::activity`] that count requests in flight.
+const IN_FLIGHT: u64 = u32::MAX as u64;
+
+/// A request being served on a connection, from its head until its answer's head.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn begin(activity: &'a AtomicU64) -> Self {
+        activity.fetch_add((1 << 32) + 1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        // One more event, one fewer in flight.
+        self.0.fetch_add((1 << 32) - 1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's idle deadline and the activity count it last saw.
+struct IdleTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    seen: u64,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {

@@ -158,7 +158,7 @@ impl Inner {
     /// the table's next sweep.
     fn sweep(&self, shard: &mut Shard, now: u64) {
         let before = shard.entries.len();
-        shard.entries.retain(|e| e.expires > now);
+        shard.entries.retain(|e| e.expires >= now);
         let removed = (before - shard.entries.len()) as u64;
         self.held.fetch_sub(removed, Ordering::AcqRel);
         shard.next_sweep = now + millis(SWEEP_EVERY);
@@ -187,18 +187,30 @@ impl Inner {
 
     /// What `record_once` does, without the async wrapper.
     fn record_once(&self, key: [u8; 16], ttl: Duration) -> Result<NonceOutcome, StoreError> {
+        self.record_once_at(key, ttl, self.now())
+    }
+
+    /// `record_once` at `now` (milliseconds since `epoch`, rounded up).
+    fn record_once_at(
+        &self,
+        key: [u8; 16],
+        ttl: Duration,
+        now: u64,
+    ) -> Result<NonceOutcome, StoreError> {
         let hash = self.hasher.hash_one(key);
         let index = self.shard_of(hash);
         let mut swept_all = false;
         loop {
-            let now = self.now();
             let expires = now.saturating_add(millis(ttl)).max(now + 1);
             let mut shard = self.lock(index);
             if now >= shard.next_sweep {
                 self.sweep(&mut shard, now);
             }
             if let Some(entry) = shard.entries.find_mut(hash, |e| e.key == key) {
-                if entry.expires > now {
+                // Held through the millisecond it expires in: both instants are rounded up,
+                // so a use up to exactly the TTL after the first (which the timestamp window
+                // accepts) always finds it.
+                if entry.expires >= now {
                     return Ok(NonceOutcome::Replayed);
                 }
                 // Recorded once, but its TTL has passed: fresh again, in the same slot.
@@ -466,6 +478,36 @@ mod tests {
         );
         assert_eq!(store.len(), 1, "the sweep left expired nonces counted");
         assert_eq!(store.inner.lock(target).entries.len(), 1);
+    }
+
+    #[test]
+    fn a_nonce_is_held_for_its_whole_ttl_to_the_millisecond() {
+        let store = MemoryNonceStore::with_capacity(1_000);
+        let ttl = Duration::from_secs(600);
+        let key = entry_key("k", "nonce-edge-abcdefgh");
+        // First seen 0.9 ms after the epoch (1 when rounded up); a replay 599,999.9 ms later,
+        // inside the TTL, reads 600,001 rounded up: still the nonce's last millisecond.
+        assert_eq!(
+            store.inner.record_once_at(key, ttl, 1),
+            Ok(NonceOutcome::Fresh)
+        );
+        assert_eq!(
+            store.inner.record_once_at(key, ttl, 600_001),
+            Ok(NonceOutcome::Replayed)
+        );
+        // A sweep in that millisecond keeps it too.
+        let index = store.inner.shard_of(store.inner.hasher.hash_one(key));
+        store.inner.sweep(&mut store.inner.lock(index), 600_001);
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.inner.record_once_at(key, ttl, 600_001),
+            Ok(NonceOutcome::Replayed)
+        );
+        // The millisecond after, it is gone.
+        assert_eq!(
+            store.inner.record_once_at(key, ttl, 600_002),
+            Ok(NonceOutcome::Fresh)
+        );
     }
 
     #[test]

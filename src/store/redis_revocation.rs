@@ -18,6 +18,11 @@
 //!   subscription, every change published before that heartbeat was sent has been applied: the
 //!   mirror is confirmed current as of the heartbeat's send time.
 //!
+//! The mirror changes only from events and resyncs, in the order Redis published them. A
+//! revoke or unrevoke through this store asks the task for a heartbeat and returns once it
+//! has come back (so the change's own event has been applied): a check on this replica right
+//! after sees the change, and no change is written into the mirror out of order.
+//!
 //! [`RevocationStore::is_revoked`] answers from the mirror while the last confirmation is at most
 //! `revocation_max_lag` old, and errs otherwise (and before the first one): a replica that lost
 //! its subscription, or whose Redis is gone, fails closed after at most the lag, and keeps
@@ -35,6 +40,7 @@ use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::ConnectHandle;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -129,6 +135,10 @@ struct Mirror {
     set: RwLock<RevocationSet>,
     /// The send time of the last heartbeat seen back; `None` until the first one.
     confirmed_at: Mutex<Option<Instant>>,
+    /// Woken at each confirmation.
+    confirmed: Notify,
+    /// Tells the task to send a heartbeat now (a revoke or unrevoke waits for it).
+    kick: Notify,
     max_lag: Duration,
 }
 
@@ -153,6 +163,28 @@ impl Mirror {
         let mut slot = self.confirmed_at.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none_or(|t| t < at) {
             *slot = Some(at);
+        }
+        drop(slot);
+        self.confirmed.notify_waiters();
+    }
+
+    /// Waits until the mirror is confirmed current as of `since`: a heartbeat sent after it
+    /// has come back, so every event published before `since` has been applied, in order.
+    /// False when that did not happen within `max_lag`.
+    async fn caught_up(&self, since: Instant) -> bool {
+        let deadline = since + self.max_lag;
+        self.kick.notify_one();
+        loop {
+            let confirmed = self.confirmed.notified();
+            tokio::pin!(confirmed);
+            // Registered before the check, so that a confirmation between the two wakes it.
+            confirmed.as_mut().enable();
+            if self.confirmed_at().is_some_and(|at| at >= since) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, confirmed).await.is_err() {
+                return false;
+            }
         }
     }
 
@@ -210,6 +242,8 @@ impl RedisRevocationStore {
         let mirror = Arc::new(Mirror {
             set: RwLock::new(RevocationSet::default()),
             confirmed_at: Mutex::new(None),
+            confirmed: Notify::new(),
+            kick: Notify::new(),
             max_lag,
         });
         let scripts = Arc::new(Scripts {
@@ -309,10 +343,16 @@ impl RevocationStore for RedisRevocationStore {
                 vec![r.field(), r.value().to_string(), CHANNEL.to_owned()],
             )
             .await?;
-        // The event will say the same; applying it now makes a revoke followed by a check on
-        // this replica deterministic.
-        if let Some(r) = Revocation::from_field(&r.field(), stored) {
-            self.mirror.write().set(&r);
+        // Once this returns, a check on this replica must see the revocation. The mirror
+        // takes it from the event, in the order Redis published it: written here instead, it
+        // could land after a later event from another replica (an unrevoke) and undo it.
+        if !self.mirror.caught_up(Instant::now()).await {
+            // The subscription is behind: the mirror fails closed once its last confirmation
+            // is `max_lag` old; until then, it holds the revocation (the safe side).
+            tracing::warn!("revocation events are late; the revocation is applied locally");
+            if let Some(r) = Revocation::from_field(&r.field(), stored) {
+                self.mirror.write().set(&r);
+            }
         }
         Ok(())
     }
@@ -330,8 +370,10 @@ impl RevocationStore for RedisRevocationStore {
                 vec![r.field(), latest, CHANNEL.to_owned()],
             )
             .await?;
-        if removed == 1 {
-            self.mirror.write().remove_field(&r.field());
+        // As for a revoke, the mirror takes the removal from the event. If events are late,
+        // the entry stays in the mirror (the safe side) until the event or the next resync.
+        if removed == 1 && !self.mirror.caught_up(Instant::now()).await {
+            tracing::warn!("revocation events are late; the removal shows here once they come");
         }
         Ok(())
     }
@@ -398,6 +440,9 @@ impl MirrorTask {
                     }
                     Err(RecvError::Closed) => return,
                 },
+                () = self.mirror.kick.notified(), if self.subscribed => {
+                    self.send_heartbeat().await;
+                }
                 event = reconnects.recv() => match event {
                     // A new subscriber connection starts unsubscribed; anything may have
                     // changed while there was none.
