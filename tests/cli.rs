@@ -373,6 +373,13 @@ async fn out_of_file_descriptors_neither_listener_spins_and_both_recover() {
     let proxy = ProxyProcess::spawn(&text, &[]);
     assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
     let every = Duration::from_millis(50);
+    // The soft limit the process started with, put back after each listener's turn.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap();
     for listener in [proxy.admin, proxy.addr] {
         // Room for two more descriptors: two connections are accepted and held, the rest wait
         // in the backlog, and every accept of them fails with EMFILE.
@@ -414,7 +421,7 @@ async fn out_of_file_descriptors_neither_listener_spins_and_both_recover() {
         // Once descriptors are free again, the waiting connections are accepted and served.
         let unlimited = Command::new("prlimit")
             .arg(format!("--pid={}", proxy.pid()))
-            .arg("--nofile=1024:")
+            .arg(format!("--nofile={soft}:"))
             .status()
             .unwrap();
         assert!(unlimited.success(), "prlimit failed");

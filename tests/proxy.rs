@@ -1088,6 +1088,102 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_is_not() {
     proxy.stop().await;
 }
 
+/// An upstream of the test's own, on keep-alive HTTP/1.1 connections: `/public/slow` answers
+/// after 1.3 s, `/public/stream` streams seven chunks 200 ms apart, anything else answers at
+/// once.
+async fn slow_and_streaming_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    got.drain(..end + 4);
+                    let sleep = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
+                    if head.starts_with("GET /public/slow ") {
+                        sleep(1300).await;
+                        socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+                            .await
+                            .unwrap();
+                    } else if head.starts_with("GET /public/stream ") {
+                        socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for i in 0..7 {
+                            sleep(200).await;
+                            let chunk = format!("6\r\nchunk{i}\r\n");
+                            socket.write_all(chunk.as_bytes()).await.unwrap();
+                        }
+                        socket.write_all(b"0\r\n\r\n").await.unwrap();
+                    } else {
+                        socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nquick")
+                            .await
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A request in flight, or an answer still streaming its body, keeps an HTTP/2 connection from
+/// counting as idle: after a 1.3-s answer and a 1.4-s stream, both longer than two idle
+/// timeouts, the next request is served on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_request_or_a_streaming_answer_keeps_an_http2_connection_open() {
+    use http_body_util::BodyExt;
+    let upstream = slow_and_streaming_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(upstream, &routes())
+        .replace("[server]\n", "[server]\nheader_read_timeout = \"500ms\"\n");
+    let proxy = TestProxy::start(&text, dir.path(), &[("HS_SECRET", SECRET)]).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut get = async |path: &str| {
+        let request = http::Request::get(format!("http://{}{path}", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let started = std::time::Instant::now();
+    assert_eq!(get("/public/slow").await, (200, "slow".to_owned()));
+    assert_eq!(get("/public/quick").await, (200, "quick".to_owned()));
+    let streamed: String = (0..7).map(|i| format!("chunk{i}")).collect();
+    assert_eq!(get("/public/stream").await, (200, streamed));
+    assert_eq!(get("/public/quick").await, (200, "quick".to_owned()));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(2700));
+    assert!(!connection.is_finished(), "the connection was closed");
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_a_new_connection_waits_until_one_ends() {
     use tokio::io::AsyncWriteExt;

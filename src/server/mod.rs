@@ -321,10 +321,17 @@ async fn serve<I>(
     let state = served.clone();
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
-        let served = served.clone();
+        // Counted here, as hyper takes the request in, not when the task serving it (for
+        // HTTP/2, a task of its own) first runs: the first-request deadline must see it.
+        let in_flight = InFlight::begin(served.clone());
         async move {
-            let _in_flight = InFlight::begin(&served.activity);
-            Ok::<_, Infallible>(proxy.handle(request, &served.info).await)
+            let response = proxy.handle(request, &in_flight.0.info).await;
+            // In flight until the answer's body has been sent (or dropped), so a connection
+            // that streams a long body is not idle.
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
         }
     });
     let conn = builder.serve_connection(io, service).into_owned();
@@ -387,20 +394,47 @@ struct Served {
 /// The bits of [`Served::activity`] that count requests in flight.
 const IN_FLIGHT: u64 = u32::MAX as u64;
 
-/// A request being served on a connection, from its head until its answer's head.
-struct InFlight<'a>(&'a AtomicU64);
+/// A request being served on a connection, from its head until its answer's body is sent.
+struct InFlight(Arc<Served>);
 
-impl<'a> InFlight<'a> {
-    fn begin(activity: &'a AtomicU64) -> Self {
-        activity.fetch_add((1 << 32) + 1, Ordering::Relaxed);
-        Self(activity)
+impl InFlight {
+    fn begin(served: Arc<Served>) -> Self {
+        served.activity.fetch_add((1 << 32) + 1, Ordering::Relaxed);
+        Self(served)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         // One more event, one fewer in flight.
-        self.0.fetch_add((1 << 32) - 1, Ordering::Relaxed);
+        self.0.activity.fetch_add((1 << 32) - 1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body that keeps its request in flight until hyper drops it (sent, or the
+/// stream reset).
+struct Tracked {
+    body: crate::proxy::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = <crate::proxy::Body as hyper::body::Body>::Data;
+    type Error = <crate::proxy::Body as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

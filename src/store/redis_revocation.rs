@@ -170,9 +170,18 @@ impl Mirror {
 
     /// Waits until the mirror is confirmed current as of `since`: a heartbeat sent after it
     /// has come back, so every event published before `since` has been applied, in order.
-    /// False when that did not happen within `max_lag`.
+    ///
+    /// False, at once, when the mirror is not current now, and otherwise once it stops being
+    /// current without having caught up. Either way it fails closed meanwhile, so no check on
+    /// this replica answers from it before the change is in it.
     async fn caught_up(&self, since: Instant) -> bool {
-        let deadline = since + self.max_lag;
+        let Some(last) = self
+            .confirmed_at()
+            .filter(|at| at.elapsed() <= self.max_lag)
+        else {
+            return false;
+        };
+        let deadline = last + self.max_lag;
         self.kick.notify_one();
         loop {
             let confirmed = self.confirmed.notified();
@@ -335,7 +344,8 @@ async fn dump(
 #[async_trait::async_trait]
 impl RevocationStore for RedisRevocationStore {
     async fn revoke(&self, r: &Revocation) -> Result<(), StoreError> {
-        let stored: i64 = self
+        // The script answers with the value it kept (the later of the two); the event carries it.
+        let _kept: i64 = self
             .connection
             .run_script(
                 &self.scripts.revoke,
@@ -347,12 +357,9 @@ impl RevocationStore for RedisRevocationStore {
         // takes it from the event, in the order Redis published it: written here instead, it
         // could land after a later event from another replica (an unrevoke) and undo it.
         if !self.mirror.caught_up(Instant::now()).await {
-            // The subscription is behind: the mirror fails closed once its last confirmation
-            // is `max_lag` old; until then, it holds the revocation (the safe side).
-            tracing::warn!("revocation events are late; the revocation is applied locally");
-            if let Some(r) = Revocation::from_field(&r.field(), stored) {
-                self.mirror.write().set(&r);
-            }
+            tracing::warn!(
+                "revocation events are late: checks on this replica fail closed until they come"
+            );
         }
         Ok(())
     }
@@ -370,10 +377,11 @@ impl RevocationStore for RedisRevocationStore {
                 vec![r.field(), latest, CHANNEL.to_owned()],
             )
             .await?;
-        // As for a revoke, the mirror takes the removal from the event. If events are late,
-        // the entry stays in the mirror (the safe side) until the event or the next resync.
+        // As for a revoke, the mirror takes the removal from the event.
         if removed == 1 && !self.mirror.caught_up(Instant::now()).await {
-            tracing::warn!("revocation events are late; the removal shows here once they come");
+            tracing::warn!(
+                "revocation events are late: checks on this replica fail closed until they come"
+            );
         }
         Ok(())
     }
@@ -440,9 +448,6 @@ impl MirrorTask {
                     }
                     Err(RecvError::Closed) => return,
                 },
-                () = self.mirror.kick.notified(), if self.subscribed => {
-                    self.send_heartbeat().await;
-                }
                 event = reconnects.recv() => match event {
                     // A new subscriber connection starts unsubscribed; anything may have
                     // changed while there was none.
@@ -467,6 +472,11 @@ impl MirrorTask {
                     if self.subscribed {
                         self.send_heartbeat().await;
                     }
+                }
+                // Last: a stream of admin calls must not hold up the resync, the check for a
+                // silent subscription or a reconnect.
+                () = self.mirror.kick.notified(), if self.subscribed => {
+                    self.send_heartbeat().await;
                 }
             }
         }
