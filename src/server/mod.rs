@@ -483,12 +483,18 @@ impl IdleTimer {
             if self.armed && !self.sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            // Outside tokio's cooperative budget: with the budget spent, `Sleep::poll` returns
+            // Pending without registering the waker (or, before its first poll, creating the
+            // timer at all), and the check above would then wait for ever.
+            let sleep = tokio::task::unconstrained(self.sleep.as_mut());
+            if std::pin::pin!(sleep).poll(cx).is_pending() {
                 self.armed = true;
                 return Poll::Pending;
             }
             let now = activity.load(Ordering::Relaxed);
-            if now == 0 {
+            // `seen` is 0 only until the first period has passed with a request (the count of
+            // begins and ends wraps, and could read 0 again).
+            if now == 0 && self.seen == 0 {
                 return Poll::Ready(Idle::NoRequest);
             }
             if now == self.seen && now & IN_FLIGHT == 0 {
@@ -512,4 +518,49 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
 /// Binds, loads keys and serves until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     Server::bind(config).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// An idle timer first polled when the task's cooperative budget is spent still fires:
+    /// tokio's `Sleep` then returns Pending without registering anything, and a timer that
+    /// took that for armed would only ever read `is_elapsed` = false.
+    #[tokio::test]
+    async fn an_idle_timer_armed_with_the_budget_spent_still_fires() {
+        let period = Duration::from_millis(50);
+        let activity = AtomicU64::new(0);
+        let mut timer = IdleTimer {
+            sleep: Box::pin(tokio::time::sleep(period)),
+            armed: false,
+            seen: 0,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1_000 {
+            tx.send(()).unwrap();
+        }
+        std::future::poll_fn(|cx| {
+            // Each message received takes a unit of the budget; Pending once it is spent.
+            let mut received = 0;
+            while rx.poll_recv(cx).is_ready() {
+                received += 1;
+            }
+            assert!(received < 1_000, "the budget was never spent");
+            assert!(timer.poll_idle(cx, &activity, period).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let fired = tokio::time::timeout(
+            Duration::from_secs(2),
+            std::future::poll_fn(|cx| timer.poll_idle(cx, &activity, period)),
+        )
+        .await;
+        assert!(
+            matches!(fired, Ok(Idle::NoRequest)),
+            "the idle timer never fired"
+        );
+    }
 }
