@@ -1088,6 +1088,24 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_is_not() {
     proxy.stop().await;
 }
 
+/// An HTTP/2 connection (prior knowledge) to `addr`, its connection task running until the
+/// connection ends.
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
 /// An upstream of the test's own, on keep-alive HTTP/1.1 connections: `/public/slow` answers
 /// after 1.3 s, `/public/stream` streams seven chunks 200 ms apart, anything else answers at
 /// once.
@@ -1153,14 +1171,7 @@ async fn a_long_request_or_a_streaming_answer_keeps_an_http2_connection_open() {
     let text = config_text(upstream, &routes())
         .replace("[server]\n", "[server]\nheader_read_timeout = \"500ms\"\n");
     let proxy = TestProxy::start(&text, dir.path(), &[("HS_SECRET", SECRET)]).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2_connect(proxy.addr).await;
     let mut get = async |path: &str| {
         let request = http::Request::get(format!("http://{}{path}", proxy.addr))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -1635,14 +1646,7 @@ async fn an_http2_host_field_must_name_the_authority() {
     use http_body_util::BodyExt;
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2_connect(proxy.addr).await;
     let mut answers = Vec::new();
     for (target, host) in [
         ("/public/same", "API.example:8443"),

@@ -142,10 +142,13 @@ impl<C: GracefulConnection> Watched<C> {
     /// Shuts this one connection down gracefully, as the drain would: the request in flight
     /// is answered (HTTP/2: the streams already open), then the connection closes.
     pub(crate) fn shut_down(self: Pin<&mut Self>) {
-        let this = self.get_mut();
-        if !this.shut_down {
-            this.shut_down = true;
-            this.conn.as_mut().graceful_shutdown();
+        self.get_mut().begin_shutdown();
+    }
+
+    fn begin_shutdown(&mut self) {
+        if !self.shut_down {
+            self.shut_down = true;
+            self.conn.as_mut().graceful_shutdown();
         }
     }
 }
@@ -165,8 +168,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
             // Read after the waker is registered: a drain that begins after this read wakes
             // the waker above, so the next poll sees it.
             if this.watcher.shared.draining.load(Ordering::Acquire) {
-                this.shut_down = true;
-                this.conn.as_mut().graceful_shutdown();
+                this.begin_shutdown();
             }
         }
         this.conn.as_mut().poll(cx)

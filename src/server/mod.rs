@@ -479,13 +479,11 @@ impl IdleTimer {
         activity: &AtomicU64,
         period: Duration,
     ) -> Poll<Idle> {
+        // Each turn starts unarmed (or fired), so the sleep is polled.
         loop {
-            if self.armed && !self.sleep.is_elapsed() {
-                return Poll::Pending;
-            }
             // Outside tokio's cooperative budget: with the budget spent, `Sleep::poll` returns
             // Pending without registering the waker (or, before its first poll, creating the
-            // timer at all), and the check above would then wait for ever.
+            // timer at all), and `poll_idle`'s check would then wait for ever.
             let sleep = tokio::task::unconstrained(self.sleep.as_mut());
             if std::pin::pin!(sleep).poll(cx).is_pending() {
                 self.armed = true;
