@@ -372,6 +372,77 @@ async fn path_tricks_never_reach_a_route_other_than_the_checked_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaped_character_reaches_the_route_its_decoded_path_names() {
+    // The upstream routes on the decoded path (`/api/users%3Apurge` is `/api/users:purge` to
+    // uvicorn), so the check must too, whichever spelling the prefix or the request uses.
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = r#"
+[[jwt.issuers]]
+issuer = "https://issuer.test"
+algorithms = ["HS256"]
+secrets = [{ kid = "k1", env = "HS_SECRET" }]
+
+[[routes]]
+name = "purge"
+path_prefix = "/api/users:purge"
+require = ["jwt"]
+
+[[routes]]
+name = "me"
+path_prefix = "/users/%40me"
+require = ["jwt"]
+
+[[routes]]
+name = "menu"
+path_prefix = "/caf\u00e9"
+require = ["jwt"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+require = []
+
+[[routes]]
+name = "rest"
+path_prefix = "/"
+require = []
+"#;
+    let text = config_text(upstream.addr, routes);
+    let proxy = TestProxy::start(&text, dir.path(), &[("HS_SECRET", SECRET)]).await;
+    for path in [
+        "/api/users%3Apurge",
+        "/api/users%3apurge",
+        "/api/users:purge/x",
+        "/api/users%3Apurge/x",
+        "/users/@me",
+        "/users/%40me",
+        "/caf%C3%A9/x",
+        "/caf%c3%a9",
+    ] {
+        let response = raw(proxy.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(response.status, 401, "{path}: {}", response.body);
+        assert_eq!(response.code(), "missing_credentials", "{path}");
+    }
+    // Escapes that do not decode to UTF-8 name no path the upstream would agree on.
+    for path in ["/api/%FF", "/caf%C3"] {
+        let response = raw(proxy.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(response.status, 400, "{path}: {}", response.body);
+        assert_eq!(response.code(), "invalid_path", "{path}");
+    }
+    assert_eq!(
+        upstream.count(),
+        0,
+        "an escaped path reached the upstream unchecked"
+    );
+    // Prefixes still match on segment boundaries, and the path goes upstream as it came.
+    let response = raw(proxy.addr, "GET /api/users%3Apurged HTTP/1.1", b"").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(upstream.last().target, "/api/users%3Apurged");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_and_methods_are_denied() {
     let upstream = Upstream::start().await;
     let (proxy, _dir) = start(&upstream, "").await;
@@ -707,6 +778,114 @@ async fn a_connection_is_not_used_again_after_an_answer_it_cannot_trust() {
         assert_eq!(seen, vec![(200, "ok".to_owned()); 3], "{case}");
         assert_eq!(connections, 3, "{case}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_beside_chunks_is_not_passed_on_for_a_streamed_request_either() {
+    // A request with a body on a route without a signature streams, on hyper's client: the
+    // answer's chunks decide its length there too, and the connection is not used again.
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+    let (addr, connections) = raw_upstream(answer.to_vec(), usize::MAX, None).await;
+    let (proxy, _dir) = start_at(addr).await;
+    for i in 0..3 {
+        let head = format!("POST /public/{i} HTTP/1.1\nContent-Length: 3");
+        let response = raw(proxy.addr, &head, b"abc").await;
+        assert_eq!((response.status, response.body.as_str()), (200, "ok"));
+        assert_ne!(response.header("content-length"), Some("50"));
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    proxy.stop().await;
+}
+
+/// A bare upstream that answers each request head with `pieces`, each written after its delay
+/// in milliseconds, then holds the connection open and says nothing more.
+async fn paced_upstream(pieces: Vec<(u64, &'static [u8])>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let pieces = pieces.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                for (delay, piece) in pieces {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                    if stream.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                // Silent from here on, until the proxy lets go.
+                while let Ok(1..) = stream.read(&mut buf).await {}
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `request` and reads until the proxy closes or resets the connection: what arrived.
+async fn read_whatever_arrives(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_silent_mid_answer_is_cut_off_and_a_slow_steady_one_is_not() {
+    use std::time::{Duration, Instant};
+    // request_timeout is 2 s here: it bounds each wait for the next piece of the body.
+    let stalled = paced_upstream(vec![(
+        0,
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+    )])
+    .await;
+    let (proxy, _dir) = start_at(stalled).await;
+    // On the proxy's own client (no body) and on hyper's (a streamed body).
+    for request in [
+        &b"GET /public/x HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+        &b"POST /public/x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nxyz"[..],
+    ] {
+        let started = Instant::now();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_whatever_arrives(proxy.addr, request),
+        )
+        .await
+        .expect("an upstream silent mid-answer held the client's connection");
+        let waited = started.elapsed();
+        assert!(seen.starts_with("HTTP/1.1 200"), "{seen:?}");
+        assert!(seen.ends_with("\r\n\r\nabc"), "{seen:?}");
+        assert!(
+            waited >= Duration::from_millis(1900),
+            "cut off after {waited:?}, before the timeout"
+        );
+    }
+    proxy.stop().await;
+
+    // Pieces 0.8 s apart, 3.2 s in all: longer than the timeout, no wait as long as it.
+    let steady = paced_upstream(vec![
+        (0, b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nab"),
+        (800, b"cd"),
+        (800, b"ef"),
+        (800, b"gh"),
+    ])
+    .await;
+    let (proxy, _dir) = start_at(steady).await;
+    let response = raw(proxy.addr, "GET /public/x HTTP/1.1", b"").await;
+    assert_eq!((response.status, response.body.as_str()), (200, "abcdefgh"));
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

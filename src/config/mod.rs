@@ -286,7 +286,8 @@ pub enum SignatureAlgorithm {
 pub struct Route {
     /// Shared, so that metrics label a request with it without copying it.
     pub name: Arc<String>,
-    /// Normalised, without a trailing slash (unless it is `/`).
+    /// Normalised, without a trailing slash (unless it is `/`), with its escapes decoded
+    /// ([`path::decoded`]): the spelling [`Config::match_route`] compares.
     pub path_prefix: String,
     /// `None` = any method.
     pub methods: Option<Vec<Method>>,
@@ -436,7 +437,8 @@ impl Config {
         }
     }
 
-    /// The first route whose prefix and methods both match, or why none does.
+    /// The first route whose prefix and methods both match, or why none does. `path` is the
+    /// normalised path with its escapes decoded ([`path::decoded`]).
     pub fn match_route(&self, path: &str, method: &Method) -> RouteMatch<'_> {
         let mut path_matched = false;
         for (index, route) in self.routes.iter().enumerate() {
@@ -1300,7 +1302,19 @@ impl Validator<'_> {
             );
         }
         let path_prefix = match path::normalize(&raw.path_prefix) {
-            Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => p.into_owned(),
+            // Kept with its escapes decoded: requests are matched in that spelling.
+            Ok(p) if p == raw.path_prefix && (p == "/" || !p.ends_with('/')) => {
+                match path::decoded(&p) {
+                    Ok(decoded) => decoded.into_owned(),
+                    Err(e) => {
+                        self.error(
+                            format!("{at}.path_prefix"),
+                            format!("{:?}: {e}", raw.path_prefix),
+                        );
+                        p.into_owned()
+                    }
+                }
+            }
             Ok(p) => {
                 self.error(
                     format!("{at}.path_prefix"),

@@ -9,6 +9,11 @@
 //! goes back on the stack when the response body it carried has been read to the end; a body
 //! dropped half-read takes its connection with it (hyper then closes it). A reaper task closes
 //! connections unused for [`IDLE_TIMEOUT`], a few each second.
+//!
+//! `request_timeout` bounds the wait for the response head (504), and then each wait for the
+//! next piece of the response body: an upstream that falls silent mid-answer has the answer cut
+//! off (the client sees it end early) and its connection closed, as nginx's
+//! `proxy_read_timeout` does. A body that keeps coming streams for as long as it lasts.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -157,7 +162,15 @@ impl Upstream {
         };
         match outcome {
             None => Err(Rejection::UpstreamTimeout),
-            Some(Ok(response)) => Ok(response),
+            Some(Ok(mut response)) => {
+                response.body_mut().silence = Some(Silence {
+                    limit: self.request_timeout,
+                    timers: self.timers.clone(),
+                    timer: None,
+                    armed: false,
+                });
+                Ok(response)
+            }
             Some(Err(e)) => {
                 if limit_hit.is_some_and(|hit| hit.load(Ordering::Acquire)) {
                     return Err(Rejection::BodyTooLarge(limit));
@@ -229,7 +242,7 @@ impl Upstream {
         };
         let pool = self.lean.clone();
         let body = head.body(conn, pool);
-        let mut response = Response::new(ResponseBody(ResponseKind::Lean(body)));
+        let mut response = Response::new(ResponseBody::new(ResponseKind::Lean(body)));
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
         Ok(response)
@@ -266,13 +279,25 @@ impl Upstream {
             }
         };
         let pool = self.pool.clone();
-        Ok(response.map(|body| {
-            ResponseBody(ResponseKind::Hyper {
+        let (mut head, body) = response.into_parts();
+        // hyper's client decodes the chunks of an answer that has a length too, and leaves the
+        // length in place: passed on, it would frame the decoded body wrongly for the client
+        // (RFC 9112 section 6.3: an intermediary removes it). As on the proxy's own client,
+        // such a connection is not trusted after.
+        let mut sender = Some(sender);
+        if head.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && head.headers.remove(http::header::CONTENT_LENGTH).is_some()
+        {
+            sender = None;
+        }
+        Ok(Response::from_parts(
+            head,
+            ResponseBody::new(ResponseKind::Hyper {
                 inner: body,
-                sender: Some(sender),
+                sender,
                 pool,
-            })
-        }))
+            }),
+        ))
     }
 
     /// Starts the pools' reapers, once.
@@ -538,7 +563,56 @@ async fn reap<T: Pooled>(pool: Weak<Pool<T>>, every: Duration) {
 /// The upstream's response body: streams through, and hands its connection back to its pool
 /// once read to the end.
 #[derive(Debug)]
-pub(crate) struct ResponseBody(ResponseKind);
+pub(crate) struct ResponseBody {
+    kind: ResponseKind,
+    /// The longest the upstream may stay silent mid-body; `None` until [`Upstream::send`] sets
+    /// it.
+    silence: Option<Silence>,
+}
+
+impl ResponseBody {
+    fn new(kind: ResponseKind) -> Self {
+        Self {
+            kind,
+            silence: None,
+        }
+    }
+}
+
+/// `request_timeout` as a limit on each wait for the next piece of a response body. The timer
+/// is taken only when a read has to wait (most bodies are in hand with their head and never
+/// take one), and is moved on, not replaced, from one wait to the next.
+#[derive(Debug)]
+struct Silence {
+    limit: Duration,
+    timers: SleepPool,
+    timer: Option<crate::server::timer::PooledSleep>,
+    /// Whether the timer is set for the current wait (a piece that arrives ends the wait).
+    armed: bool,
+}
+
+impl Silence {
+    /// Polls the timer of the current wait, setting it first when the wait has just begun.
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            self.armed = true;
+            let deadline = tokio::time::Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(timer) => timer.reset(deadline),
+                None => self.timer = Some(self.timers.sleep_until(deadline)),
+            }
+        }
+        match &mut self.timer {
+            Some(timer) => Pin::new(timer).poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// The upstream sent no part of the response body for `request_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing of the response body for {0:?}")]
+pub(crate) struct BodySilent(Duration);
 
 #[derive(Debug)]
 enum ResponseKind {
@@ -564,7 +638,51 @@ impl HttpBody for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        let polled = this.poll_inner(cx);
+        let Some(silence) = this.silence.as_mut() else {
+            return polled;
+        };
+        if polled.is_ready() {
+            silence.armed = false;
+            return polled;
+        }
+        match silence.poll_elapsed(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                let limit = silence.limit;
+                // The connection is not handed back: its answer is unfinished.
+                this.silence = None;
+                if let ResponseKind::Hyper { sender, .. } = &mut this.kind {
+                    *sender = None;
+                }
+                tracing::warn!(
+                    timeout = ?limit,
+                    "the upstream fell silent mid-answer; the answer is cut off"
+                );
+                Poll::Ready(Some(Err(Box::new(BodySilent(limit)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Hyper { inner, .. } => inner.is_end_stream(),
+            ResponseKind::Lean(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Hyper { inner, .. } => inner.size_hint(),
+            ResponseKind::Lean(body) => body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
             ResponseKind::Hyper {
                 inner,
                 sender,
@@ -587,20 +705,6 @@ impl HttpBody for ResponseBody {
                 .map(|frame| frame.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            ResponseKind::Hyper { inner, .. } => inner.is_end_stream(),
-            ResponseKind::Lean(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            ResponseKind::Hyper { inner, .. } => inner.size_hint(),
-            ResponseKind::Lean(body) => body.size_hint(),
-        }
-    }
 }
 
 impl Drop for ResponseBody {
@@ -612,7 +716,7 @@ impl Drop for ResponseBody {
             inner,
             sender,
             pool,
-        } = &mut self.0
+        } = &mut self.kind
         {
             if inner.is_end_stream() {
                 if let Some(sender) = sender.take() {

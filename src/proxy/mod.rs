@@ -252,7 +252,9 @@ impl Proxy {
         settle_host(&mut parts)?;
 
         let path = path::normalize(parts.uri.path()).map_err(Rejection::InvalidPath)?;
-        let route = match self.config.match_route(&path, &parts.method) {
+        // Matched with its escapes decoded, as the upstream will route it; forwarded as it is.
+        let route_path = path::decoded(&path).map_err(Rejection::InvalidPath)?;
+        let route = match self.config.match_route(&route_path, &parts.method) {
             RouteMatch::Found { index, route } => {
                 outcome.route = Some(index);
                 route

@@ -3,6 +3,10 @@
 //! are kept (with upper-case hex), `.` and `..` segments are removed and repeated slashes merged.
 //! Anything that could let the upstream read the path differently from the check (an encoded
 //! `/` or `\`, a `\`, a NUL, a `..` above the root, a broken escape) is refused.
+//!
+//! Routes are matched on the normalised path with its remaining escapes decoded
+//! ([`decoded`]): the FastAPI upstream (like any ASGI or Go server) routes on the decoded path,
+//! so `/users%3Apurge` and `/users:purge` are one path to it and must be one to the check.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -25,6 +29,8 @@ pub enum InvalidPath {
     /// A `.` or `..` segment with parameters (`..;x`): servers that strip a segment's
     /// parameters (Tomcat, Jetty, Spring) climb where the route check did not.
     DotSegmentWithParameters,
+    /// Escapes that decode to bytes that are not UTF-8 (`%FF`, a lone `%C3`).
+    NotUtf8,
 }
 
 impl fmt::Display for InvalidPath {
@@ -39,6 +45,7 @@ impl fmt::Display for InvalidPath {
             Self::DotSegmentWithParameters => {
                 "the path holds a . or .. segment with parameters (;)"
             }
+            Self::NotUtf8 => "the path's escapes do not decode to UTF-8",
         })
     }
 }
@@ -132,6 +139,42 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
         out.push('/');
     }
     Ok(Cow::Owned(out))
+}
+
+/// The normalised path `path` with every escape decoded: the spelling routes are matched on
+/// (route prefixes are kept in it too). Borrowed when there is no escape. Escapes that decode
+/// to a separator or a NUL (which [`normalize`] has refused already) or to bytes that are not
+/// UTF-8 are refused: the upstream would read such a path in its own way.
+pub fn decoded(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
+    if !path.contains('%') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex_value),
+            bytes.get(i + 2).copied().and_then(hex_value),
+        ) else {
+            return Err(InvalidPath::BrokenEscape);
+        };
+        match hi << 4 | lo {
+            b'/' | b'\\' => return Err(InvalidPath::EncodedSeparator),
+            0 => return Err(InvalidPath::Nul),
+            v => out.push(v),
+        }
+        i += 3;
+    }
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| InvalidPath::NotUtf8)
 }
 
 /// `.;x` or `..;x`: a dot segment once its parameters are stripped.
@@ -257,6 +300,34 @@ mod tests {
         for p in ["/a/%2e%2e/b/./c//d", "/x%41y/%7e", "/a/b/../c/"] {
             let once = normalize(p).unwrap();
             assert_eq!(normalize(&once).unwrap(), once);
+        }
+    }
+
+    #[test]
+    fn routes_see_every_escape_decoded() {
+        let cases = [
+            ("/api/users", "/api/users"),
+            ("/api/users%3Apurge", "/api/users:purge"),
+            ("/users/%40me", "/users/@me"),
+            ("/caf%C3%A9/x", "/caf\u{e9}/x"),
+            ("/a%20b%2Bc%21", "/a b+c!"),
+            // Decoded once, as the upstream does: `%2541` is `%41`, not `A`.
+            ("/a%2541", "/a%41"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(decoded(input).as_deref(), Ok(want), "{input}");
+        }
+        assert!(matches!(decoded("/plain"), Ok(Cow::Borrowed(_))));
+        let refused = [
+            ("/a%FF", InvalidPath::NotUtf8),
+            ("/caf%C3", InvalidPath::NotUtf8),
+            ("/a%2Fb", InvalidPath::EncodedSeparator),
+            ("/a%5Cb", InvalidPath::EncodedSeparator),
+            ("/a%00", InvalidPath::Nul),
+            ("/a%4", InvalidPath::BrokenEscape),
+        ];
+        for (input, want) in refused {
+            assert_eq!(decoded(input), Err(want), "{input}");
         }
     }
 

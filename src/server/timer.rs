@@ -77,7 +77,7 @@ pub(crate) struct PooledSleep {
 
 impl PooledSleep {
     /// Moves the deadline (hyper's `Timer::reset`).
-    fn reset(&mut self, deadline: tokio::time::Instant) {
+    pub(crate) fn reset(&mut self, deadline: tokio::time::Instant) {
         if let Some(inner) = self.inner.as_mut() {
             inner.as_mut().reset(deadline);
         }
