@@ -889,6 +889,51 @@ async fn an_upstream_silent_mid_answer_is_cut_off_and_a_slow_steady_one_is_not()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_the_client_breaks_off_or_stalls_is_the_clients_fault() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A route without a signature streams the body to the upstream as it comes: when the
+    // client's side fails, the answer says so, not 502/504 as if the upstream had.
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    let head = "POST /public/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n";
+
+    // 10 of the 100 bytes, then the client closes its side.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 10]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen))
+        .await
+        .expect("no answer to a body that broke off");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 400"), "{seen}");
+    assert!(seen.contains("\"code\":\"body_incomplete\""), "{seen}");
+
+    // 10 of the 100 bytes, then nothing (request_timeout is 2 s here).
+    let mut request = head.as_bytes().to_vec();
+    request.extend_from_slice(&[b'x'; 10]);
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the proxy waited for the rest of the body without end")
+        .unwrap();
+    let seen = String::from_utf8_lossy(&buf[..n]);
+    assert!(seen.starts_with("HTTP/1.1 408"), "{seen}");
+    assert!(seen.contains("\"code\":\"body_timeout\""), "{seen}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_answer_to_head_has_no_body_and_keeps_the_connection() {
     let (seen, connections) = answers(
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",

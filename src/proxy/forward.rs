@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -143,11 +143,14 @@ impl Upstream {
     }
 
     /// Sends the request (origin-form target, `Host` set) and waits for the response head, up
-    /// to `request_timeout`.
+    /// to `request_timeout`. `client_body` is the state of a body that streams from the client
+    /// ([`LimitedBody`]): when the exchange fails or times out because of the client's body
+    /// (over the limit, broken off, or stalled while the proxy waited for it), the answer says
+    /// so (413, 400 body_incomplete, 408 body_timeout) rather than blaming the upstream.
     pub(crate) async fn send(
         &self,
         request: Request<UpstreamBody>,
-        limit_hit: Option<Arc<AtomicBool>>,
+        client_body: Option<Arc<ClientBodyState>>,
         limit: u64,
     ) -> Result<Response<ResponseBody>, Rejection> {
         let deadline = self
@@ -160,7 +163,12 @@ impl Upstream {
             outcome = self.exchange(request) => Some(outcome),
             () = deadline => None,
         };
+        let client = client_body.as_deref().map(ClientBodyState::get);
         match outcome {
+            None if client == Some(ClientBody::Awaited) => {
+                tracing::debug!("the client's body stalled past request_timeout");
+                Err(Rejection::BodyTimeout(self.request_timeout))
+            }
             None => Err(Rejection::UpstreamTimeout),
             Some(Ok(mut response)) => {
                 response.body_mut().silence = Some(Silence {
@@ -172,8 +180,13 @@ impl Upstream {
                 Ok(response)
             }
             Some(Err(e)) => {
-                if limit_hit.is_some_and(|hit| hit.load(Ordering::Acquire)) {
-                    return Err(Rejection::BodyTooLarge(limit));
+                match client {
+                    Some(ClientBody::OverLimit) => return Err(Rejection::BodyTooLarge(limit)),
+                    Some(ClientBody::Broken) => {
+                        tracing::debug!(error = %e, "client body broke off");
+                        return Err(Rejection::BodyIncomplete);
+                    }
+                    _ => {}
                 }
                 let connect = matches!(e, UpstreamError::Connect(_));
                 tracing::warn!(error = %e, connect, "upstream request failed");
@@ -732,21 +745,54 @@ impl Drop for ResponseBody {
 #[error("request body over the limit")]
 pub(crate) struct BodyTooLarge;
 
+/// Where a streaming client body stands, as [`LimitedBody`] last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientBody {
+    /// Its last piece came (or none was asked for yet).
+    Flowing,
+    /// The proxy asked for the next piece and it has not come.
+    Awaited,
+    /// It went past `max_body_bytes`.
+    OverLimit,
+    /// The client's side failed mid-body (reset, or a connection closed early).
+    Broken,
+}
+
+/// A [`ClientBody`] shared between the [`LimitedBody`] that hyper's client reads and the
+/// request that waits for the exchange.
+#[derive(Debug, Default)]
+pub(crate) struct ClientBodyState(AtomicU8);
+
+impl ClientBodyState {
+    fn set(&self, state: ClientBody) {
+        self.0.store(state as u8, Ordering::Release);
+    }
+
+    fn get(&self) -> ClientBody {
+        match self.0.load(Ordering::Acquire) {
+            1 => ClientBody::Awaited,
+            2 => ClientBody::OverLimit,
+            3 => ClientBody::Broken,
+            _ => ClientBody::Flowing,
+        }
+    }
+}
+
 /// Streams the client's body, failing once more than `limit` bytes have passed (the upstream
 /// then sees an aborted request, never a truncated one that looks complete).
 #[derive(Debug)]
 pub(crate) struct LimitedBody {
     inner: Incoming,
     remaining: u64,
-    limit_hit: Arc<AtomicBool>,
+    state: Arc<ClientBodyState>,
 }
 
 impl LimitedBody {
-    pub(crate) fn new(inner: Incoming, limit: u64, limit_hit: Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(inner: Incoming, limit: u64, state: Arc<ClientBodyState>) -> Self {
         Self {
             inner,
             remaining: limit,
-            limit_hit,
+            state,
         }
     }
 }
@@ -764,16 +810,26 @@ impl HttpBody for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.remaining {
-                        self.limit_hit.store(true, Ordering::Release);
+                        self.state.set(ClientBody::OverLimit);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     self.remaining -= len;
                 }
+                self.state.set(ClientBody::Flowing);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                self.state.set(ClientBody::Broken);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                self.state.set(ClientBody::Flowing);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                self.state.set(ClientBody::Awaited);
+                Poll::Pending
+            }
         }
     }
 

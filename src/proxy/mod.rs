@@ -16,7 +16,6 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -41,7 +40,7 @@ use crate::store::{
     rate_limit_headers, revocation, NonceOutcome, NonceStore, RateLimiter, RevocationStore,
     StoreError, Stores,
 };
-use forward::{LimitedBody, ResponseBody, Upstream};
+use forward::{ClientBodyState, LimitedBody, ResponseBody, Upstream};
 
 /// Errors of a streamed body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -275,7 +274,7 @@ impl Proxy {
 
         // The signature covers the body: on such routes it is read (hashed as it arrives,
         // bounded by the limit) before anything is forwarded. Elsewhere it streams.
-        let mut limit_hit = None;
+        let mut client_body = None;
         let (body, body_sha256) = if route.require.signature {
             let (bytes, digest) = if body.is_end_stream() {
                 // No body (a GET): nothing to wait for, no deadline to take.
@@ -289,9 +288,9 @@ impl Proxy {
         } else if body.is_end_stream() {
             (Either::Right(Full::new(Bytes::new())), None)
         } else {
-            let hit = Arc::new(AtomicBool::new(false));
-            limit_hit = Some(hit.clone());
-            (Either::Left(LimitedBody::new(body, limit, hit)), None)
+            let state = Arc::new(ClientBodyState::default());
+            client_body = Some(state.clone());
+            (Either::Left(LimitedBody::new(body, limit, state)), None)
         };
 
         let request_id_text = request_id.to_str().unwrap_or("-");
@@ -381,7 +380,7 @@ impl Proxy {
         let upstream_request = Request::from_parts(parts, body);
         let response = self
             .upstream
-            .send(upstream_request, limit_hit, limit)
+            .send(upstream_request, client_body, limit)
             .await?;
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
