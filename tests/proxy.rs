@@ -964,6 +964,35 @@ async fn ambiguous_or_malformed_answers_are_502() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_another_transfer_coding_than_chunked_is_502_on_either_client() {
+    // `Transfer-Encoding` is hop-by-hop: passed on without it, gzip bytes would be taken for
+    // the body itself. Without a request body (the proxy's own client) and with one (hyper's).
+    let codings: [&[u8]; 3] = [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ];
+    for answer in codings {
+        let (addr, _) =
+            raw_upstream(answer.to_vec(), usize::MAX, Some(std::time::Duration::ZERO)).await;
+        let (proxy, _dir) = start_at(addr).await;
+        for (head, body) in [
+            ("GET /public/x HTTP/1.1", &b""[..]),
+            ("POST /public/x HTTP/1.1\nContent-Length: 3", &b"abc"[..]),
+        ] {
+            let response = raw(proxy.addr, head, body).await;
+            assert_eq!(
+                (response.status, response.code().as_str()),
+                (502, "upstream_unavailable"),
+                "{head}: {:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let (addr, connections) = counting_upstream(false, b"ok").await;
     let (proxy, _dir) = start_at(addr).await;

@@ -75,7 +75,7 @@ pub(crate) enum ClientError {
     InvalidField,
     #[error("invalid Content-Length")]
     InvalidLength,
-    #[error("invalid Transfer-Encoding: chunked is not the last coding")]
+    #[error("Transfer-Encoding other than chunked (the proxy does not pass on transfer codings)")]
     InvalidTransferEncoding,
     #[error("101 Switching Protocols is not supported")]
     SwitchingProtocols,
@@ -408,17 +408,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         // on by `headers::one_content_length`.
         Framing::Empty
     } else if headers.contains_key(TRANSFER_ENCODING) {
+        only_chunked(&headers)?;
         // Length and chunks both: chunks decide, and the connection is not trusted after.
         if headers.remove(CONTENT_LENGTH).is_some() {
             reusable = false;
         }
-        match chunked_last(&headers)? {
-            true => Framing::Chunked,
-            false => {
-                reusable = false;
-                Framing::UntilClose
-            }
-        }
+        Framing::Chunked
     } else if headers.contains_key(CONTENT_LENGTH) {
         Framing::Length(headers::content_length(&headers).ok_or(ClientError::InvalidLength)?)
     } else {
@@ -442,18 +437,18 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Whether `chunked` is the last transfer coding; an error if it appears anywhere else.
-fn chunked_last(headers: &HeaderMap) -> Result<bool, ClientError> {
-    let codings: Vec<&[u8]> = headers
+/// That the response's transfer coding is `chunked` alone. Any other would reach the client
+/// undeclared (`Transfer-Encoding` is hop-by-hop, and the proxy frames the body anew), its bytes
+/// taken for the body itself; nginx and Envoy refuse such an answer too.
+pub(crate) fn only_chunked(headers: &HeaderMap) -> Result<(), ClientError> {
+    let mut codings = headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-        .collect();
-    let chunked = |t: &&[u8]| t.eq_ignore_ascii_case(b"chunked");
-    match codings.split_last() {
-        Some((last, rest)) if !rest.iter().any(chunked) => Ok(chunked(last)),
+        .filter(|t| !t.is_empty());
+    match (codings.next(), codings.next()) {
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => Ok(()),
         _ => Err(ClientError::InvalidTransferEncoding),
     }
 }
@@ -833,7 +828,7 @@ mod tests {
                 true,
             ),
             (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
                 Framing::Chunked,
                 true,
             ),
@@ -841,11 +836,6 @@ mod tests {
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
                 Framing::Chunked,
-                false,
-            ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
-                Framing::UntilClose,
                 false,
             ),
             ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
@@ -904,6 +894,11 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            // Another transfer coding would reach the client undeclared (the header is
+            // hop-by-hop), its bytes taken for the body itself.
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: ,\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",

@@ -277,6 +277,7 @@ impl Upstream {
         // answer. An idempotent request whose body is in hand is sent once more on a new
         // connection, as nginx and Envoy do; others get 502.
         let replay = if reused { replay_copy(&request) } else { None };
+        let head_request = request.method() == Method::HEAD;
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut e) => {
@@ -298,10 +299,14 @@ impl Upstream {
         // (RFC 9112 section 6.3: an intermediary removes it). As on the proxy's own client,
         // such a connection is not trusted after.
         let mut sender = Some(sender);
-        if head.headers.contains_key(http::header::TRANSFER_ENCODING)
-            && head.headers.remove(http::header::CONTENT_LENGTH).is_some()
-        {
-            sender = None;
+        let bodiless = head_request
+            || head.status == http::StatusCode::NO_CONTENT
+            || head.status == http::StatusCode::NOT_MODIFIED;
+        if !bodiless && head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            client::only_chunked(&head.headers)?;
+            if head.headers.remove(http::header::CONTENT_LENGTH).is_some() {
+                sender = None;
+            }
         }
         Ok(Response::from_parts(
             head,
