@@ -8,6 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rcgen::DnType;
 use serde_json::json;
 use support::http::get;
 use support::keys::TestKey;
@@ -180,6 +181,48 @@ async fn mtls_route_needs_a_trusted_client_certificate() {
     assert!(
         !xfcc.contains("admin"),
         "the client's own header leaked: {xfcc}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_common_name_holding_a_comma_cannot_add_a_name_part_to_the_xfcc_subject() {
+    let pki = pki();
+    let upstream = Upstream::start().await;
+    let proxy = start(&upstream, &pki, "optional").await;
+    let sneaky = pki.ca.issue_with_dn(
+        &[
+            (DnType::OrganizationName, "Example"),
+            (DnType::CommonName, "alice,OU=admins"),
+        ],
+        &["alice.example.org"],
+        &[],
+        Usage::Client,
+        false,
+    );
+    let client = TlsClient::new(&pki.ca.pem(), Some(&sneaky));
+    let response = client.get(proxy.addr, "/mtls/x", &[]).await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    // RFC 4514 escapes the comma (`CN=alice\,OU=admins`), most specific RDN first; the XFCC
+    // quoting then escapes that backslash.
+    assert_eq!(
+        upstream.last().header("x-forwarded-client-cert"),
+        Some(
+            format!(
+                r#"Hash={};Subject="CN=alice\\,OU=admins,O=Example";DNS=alice.example.org"#,
+                sneaky.sha256_hex()
+            )
+            .as_str()
+        )
+    );
+    // The allow-list refusal quotes the same subject.
+    let response = client.get(proxy.addr, "/others/x", &[]).await.unwrap();
+    assert_eq!(response.status, 401, "{}", response.body);
+    let problem: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(problem["code"], "client_certificate_rejected");
+    assert_eq!(
+        problem["detail"],
+        r#"the client certificate "CN=alice\\,OU=admins,O=Example" is not allowed on this route"#
     );
     proxy.stop().await;
 }
