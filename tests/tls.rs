@@ -599,6 +599,62 @@ async fn certificates_reload_under_load_without_a_failed_request() {
     proxy.stop().await;
 }
 
+/// The value of `portcullis_tls_reloads_total{result="<result>"}`, 0 when absent.
+async fn tls_reloads(proxy: &TestProxy, result: &str) -> u64 {
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await.body;
+    let prefix = format!("portcullis_tls_reloads_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_unreadable_for_a_while_is_read_again_until_the_new_set_loads() {
+    use std::os::unix::fs::symlink;
+    let pki = pki();
+    let dir = pki.dir.path();
+    let upstream = Upstream::start().await;
+    let proxy = start(&upstream, &pki, "optional").await;
+    let client = TlsClient::new(&pki.ca.pem(), None);
+
+    // The key becomes a dangling symlink (unreadable even to root, unlike chmod 000) and a
+    // renewed certificate arrives: several polls find the set unreadable.
+    symlink("nowhere", dir.join(".tls.key.tmp")).unwrap();
+    std::fs::rename(dir.join(".tls.key.tmp"), dir.join("tls.key")).unwrap();
+    let renewed = pki.ca.issue(
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        &[],
+        Usage::Server,
+        false,
+    );
+    swap_in(dir, "tls.crt", &renewed.cert_pem);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
+    assert_eq!(now.server_cert_sha256, pki.server.sha256_hex());
+    // Counted once, not at every poll.
+    assert_eq!(tls_reloads(&proxy, "error").await, 1);
+
+    // Once the key is readable again, the next look loads the set.
+    swap_in(dir, "tls.key", &renewed.key_pem);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
+        if now.server_cert_sha256 == renewed.sha256_hex() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tls_reloads(&proxy, "ok").await, 1);
+    assert_eq!(tls_reloads(&proxy, "error").await, 1);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_expiring_within_a_week_is_a_readyz_warning() {
     let pki = pki();
