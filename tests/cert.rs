@@ -518,6 +518,104 @@ fn verify_client_checks_the_client_auth_extended_key_usage() {
     assert_rejected(&out, "certificate not allowed for client authentication");
 }
 
+#[test]
+fn verify_accepts_an_ecdsa_p256_chain_signed_with_sha512() {
+    // openssl signs with a P-256 key and SHA-512, which the proxy's rustls (aws-lc-rs) accepts
+    // in a handshake; `cert verify` must say the same.
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let ext = path("leaf.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints = critical, CA:FALSE\n\
+         keyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = serverAuth\n\
+         subjectAltName = DNS:sha512.example.test\n",
+    )
+    .unwrap();
+    for key in ["ca.key", "leaf.key"] {
+        assert_success(&openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            path_str(&path(key)),
+        ]));
+    }
+    assert_success(&openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-sha512",
+        "-key",
+        path_str(&path("ca.key")),
+        "-subj",
+        "/CN=P-256 SHA-512 Root",
+        "-days",
+        "3650",
+        "-addext",
+        "basicConstraints = critical, CA:TRUE",
+        "-addext",
+        "keyUsage = critical, keyCertSign, cRLSign",
+        "-out",
+        path_str(&path("ca.pem")),
+    ]));
+    assert_success(&openssl(&[
+        "req",
+        "-new",
+        "-key",
+        path_str(&path("leaf.key")),
+        "-subj",
+        "/CN=sha512.example.test",
+        "-out",
+        path_str(&path("leaf.csr")),
+    ]));
+    assert_success(&openssl(&[
+        "x509",
+        "-req",
+        "-sha512",
+        "-in",
+        path_str(&path("leaf.csr")),
+        "-CA",
+        path_str(&path("ca.pem")),
+        "-CAkey",
+        path_str(&path("ca.key")),
+        "-set_serial",
+        "2",
+        "-days",
+        "365",
+        "-extfile",
+        path_str(&ext),
+        "-out",
+        path_str(&path("leaf.pem")),
+    ]));
+    let text = stdout(&openssl(&[
+        "x509",
+        "-in",
+        path_str(&path("leaf.pem")),
+        "-noout",
+        "-text",
+    ]));
+    assert!(text.contains("ecdsa-with-SHA512"), "{text}");
+
+    let out = portcullis(&[
+        "verify",
+        path_str(&path("leaf.pem")),
+        "--roots",
+        path_str(&path("ca.pem")),
+        "--host",
+        "sha512.example.test",
+    ]);
+    assert_success(&out);
+    assert!(
+        stdout(&out).starts_with("OK: verified for server authentication"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 // ---- pin ----
 
 fn openssl_pin(cert: &Path) -> String {

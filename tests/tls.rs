@@ -8,6 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rcgen::DnType;
 use serde_json::json;
 use support::http::get;
 use support::keys::TestKey;
@@ -180,6 +181,48 @@ async fn mtls_route_needs_a_trusted_client_certificate() {
     assert!(
         !xfcc.contains("admin"),
         "the client's own header leaked: {xfcc}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_common_name_holding_a_comma_cannot_add_a_name_part_to_the_xfcc_subject() {
+    let pki = pki();
+    let upstream = Upstream::start().await;
+    let proxy = start(&upstream, &pki, "optional").await;
+    let sneaky = pki.ca.issue_with_dn(
+        &[
+            (DnType::OrganizationName, "Example"),
+            (DnType::CommonName, "alice,OU=admins"),
+        ],
+        &["alice.example.org"],
+        &[],
+        Usage::Client,
+        false,
+    );
+    let client = TlsClient::new(&pki.ca.pem(), Some(&sneaky));
+    let response = client.get(proxy.addr, "/mtls/x", &[]).await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    // RFC 4514 escapes the comma (`CN=alice\,OU=admins`), most specific RDN first; the XFCC
+    // quoting then escapes that backslash.
+    assert_eq!(
+        upstream.last().header("x-forwarded-client-cert"),
+        Some(
+            format!(
+                r#"Hash={};Subject="CN=alice\\,OU=admins,O=Example";DNS=alice.example.org"#,
+                sneaky.sha256_hex()
+            )
+            .as_str()
+        )
+    );
+    // The allow-list refusal quotes the same subject.
+    let response = client.get(proxy.addr, "/others/x", &[]).await.unwrap();
+    assert_eq!(response.status, 401, "{}", response.body);
+    let problem: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(problem["code"], "client_certificate_rejected");
+    assert_eq!(
+        problem["detail"],
+        r#"the client certificate "CN=alice\\,OU=admins,O=Example" is not allowed on this route"#
     );
     proxy.stop().await;
 }
@@ -553,6 +596,62 @@ async fn certificates_reload_under_load_without_a_failed_request() {
             .unwrap()
             > 7 * 86_400
     );
+    proxy.stop().await;
+}
+
+/// The value of `portcullis_tls_reloads_total{result="<result>"}`, 0 when absent.
+async fn tls_reloads(proxy: &TestProxy, result: &str) -> u64 {
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await.body;
+    let prefix = format!("portcullis_tls_reloads_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_unreadable_for_a_while_is_read_again_until_the_new_set_loads() {
+    use std::os::unix::fs::symlink;
+    let pki = pki();
+    let dir = pki.dir.path();
+    let upstream = Upstream::start().await;
+    let proxy = start(&upstream, &pki, "optional").await;
+    let client = TlsClient::new(&pki.ca.pem(), None);
+
+    // The key becomes a dangling symlink (unreadable even to root, unlike chmod 000) and a
+    // renewed certificate arrives: several polls find the set unreadable.
+    symlink("nowhere", dir.join(".tls.key.tmp")).unwrap();
+    std::fs::rename(dir.join(".tls.key.tmp"), dir.join("tls.key")).unwrap();
+    let renewed = pki.ca.issue(
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        &[],
+        Usage::Server,
+        false,
+    );
+    swap_in(dir, "tls.crt", &renewed.cert_pem);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
+    assert_eq!(now.server_cert_sha256, pki.server.sha256_hex());
+    // Counted once, not at every poll.
+    assert_eq!(tls_reloads(&proxy, "error").await, 1);
+
+    // Once the key is readable again, the next look loads the set.
+    swap_in(dir, "tls.key", &renewed.key_pem);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
+        if now.server_cert_sha256 == renewed.sha256_hex() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tls_reloads(&proxy, "ok").await, 1);
+    assert_eq!(tls_reloads(&proxy, "error").await, 1);
     proxy.stop().await;
 }
 

@@ -9,30 +9,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, ServerName, SignatureVerificationAlgorithm, UnixTime};
-use webpki::aws_lc_rs as algs;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use super::CertError;
 
-/// The signature algorithms accepted on a path: those of rustls's aws-lc-rs provider, and no
-/// other provider's.
-static SIGNATURE_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
-    algs::ECDSA_P256_SHA256,
-    algs::ECDSA_P256_SHA384,
-    algs::ECDSA_P384_SHA256,
-    algs::ECDSA_P384_SHA384,
-    algs::ECDSA_P521_SHA256,
-    algs::ECDSA_P521_SHA384,
-    algs::ECDSA_P521_SHA512,
-    algs::ED25519,
-    algs::RSA_PKCS1_2048_8192_SHA256,
-    algs::RSA_PKCS1_2048_8192_SHA384,
-    algs::RSA_PKCS1_2048_8192_SHA512,
-    algs::RSA_PKCS1_3072_8192_SHA384,
-    algs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
-    algs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
-    algs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
-];
+/// The signature algorithms accepted on a path: the proxy's own rustls provider's list
+/// (aws-lc-rs), read from it so that this check and a handshake cannot drift apart.
+fn signature_algorithms() -> &'static [&'static dyn SignatureVerificationAlgorithm] {
+    crate::server::tls::provider()
+        .signature_verification_algorithms
+        .all
+}
 
 /// What the certificate must be good for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +125,7 @@ pub fn verify_chain(
     };
     let path = leaf
         .verify_for_usage(
-            SIGNATURE_ALGORITHMS,
+            signature_algorithms(),
             &anchors,
             &intermediates,
             at,

@@ -349,7 +349,8 @@ impl Proxy {
         }
         add_identity(&mut parts.headers, &identity)?;
         if let Some(cert) = &conn.client_cert {
-            // Built from a verified certificate with control characters removed.
+            // Built from a verified certificate: the subject RFC 4514-escaped to ASCII, control
+            // characters removed from the SANs.
             headers::set(
                 &mut parts.headers,
                 headers::X_FORWARDED_CLIENT_CERT,

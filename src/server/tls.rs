@@ -4,6 +4,9 @@
 //! so the folder is watched, not the file), with a poll as the fallback. A new set is loaded and
 //! checked (key matches certificate, chain parses, CA parses) before it replaces the old one for
 //! new handshakes; a broken set is refused, logged and counted, and the old one keeps serving.
+//! Each file is read once per look and what is fingerprinted is what is loaded: a set refused
+//! for its contents is not tried again until a file changes, while a look that could not read a
+//! file (an I/O error, a file gone for a moment) records nothing, so the next poll reads again.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -74,12 +77,44 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn load(tls: &TlsConfig) -> Result<Material, TlsError> {
+/// The bytes of a set's files, each read once: what is fingerprinted is exactly what is loaded,
+/// so a set is never taken for seen when its load read other bytes, or failed to read them.
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Files {
+    fn read(tls: &TlsConfig) -> Result<Files, TlsError> {
+        Ok(Files {
+            cert: read(&tls.cert)?,
+            key: read(&tls.key)?,
+            client_ca: tls.client_ca.as_deref().map(read).transpose()?,
+        })
+    }
+
+    /// A fingerprint of the contents: a change of any file is a new set.
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for bytes in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        }
+        h.finalize().into()
+    }
+}
+
+/// Parses and checks the set in `files` (read from the paths in `tls`, which errors name).
+fn load(tls: &TlsConfig, files: &Files) -> Result<Material, TlsError> {
     let pem_error = |path: &Path, reason: String| TlsError::Pem {
         path: path.to_owned(),
         reason,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&tls.cert)?)
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&files.cert)
         .collect::<Result<_, _>>()
         .map_err(|e| pem_error(&tls.cert, format!("not a PEM certificate chain ({e})")))?;
     let Some(leaf) = chain.first() else {
@@ -88,7 +123,7 @@ fn load(tls: &TlsConfig) -> Result<Material, TlsError> {
     let (_, parsed) = X509Certificate::from_der(leaf)
         .map_err(|e| pem_error(&tls.cert, format!("the certificate does not parse ({e})")))?;
     let not_after = parsed.validity().not_after.timestamp();
-    let key = PrivateKeyDer::from_pem_slice(&read(&tls.key)?)
+    let key = PrivateKeyDer::from_pem_slice(&files.key)
         .map_err(|e| pem_error(&tls.key, format!("not a PEM private key ({e})")))?;
 
     let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
@@ -101,8 +136,13 @@ fn load(tls: &TlsConfig) -> Result<Material, TlsError> {
     let builder = match &tls.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
+            // `Files::read` reads the CA file whenever one is configured; were it missing, the
+            // set is refused rather than served without client authentication.
+            let Some(ca_pem) = &files.client_ca else {
+                return Err(pem_error(ca, "was not read".into()));
+            };
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+            for cert in CertificateDer::pem_slice_iter(ca_pem) {
                 let cert = cert.map_err(|e| pem_error(ca, format!("not a PEM CA bundle ({e})")))?;
                 roots
                     .add(cert)
@@ -131,24 +171,6 @@ fn load(tls: &TlsConfig) -> Result<Material, TlsError> {
     })
 }
 
-/// A fingerprint of the files' contents: a change of any of them is a new set.
-fn fingerprint(tls: &TlsConfig) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for path in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                h.update((bytes.len() as u64).to_be_bytes());
-                h.update(&bytes);
-            }
-            Err(_) => h.update(b"\xffunreadable"),
-        }
-    }
-    h.finalize().into()
-}
-
 /// The TLS context new handshakes use, swapped whole on reload.
 #[derive(Debug)]
 pub struct TlsState {
@@ -156,12 +178,40 @@ pub struct TlsState {
     current: ArcSwap<ServerConfig>,
     not_after: AtomicI64,
     metrics: Arc<Metrics>,
+    /// The fingerprint of the set loaded at start, where the reloader begins.
+    loaded: [u8; 32],
+}
+
+/// What the reloader remembers from one look at the files to the next.
+#[derive(Debug)]
+struct Seen {
+    /// The fingerprint of the last set read whole, loaded or refused: it is not tried again
+    /// until a file changes, so a broken set is reported once, not at every poll.
+    contents: [u8; 32],
+    /// The read failure reported last, while reads go on failing the same way.
+    unreadable: Option<String>,
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+enum Look {
+    /// The files hold the set loaded or refused last.
+    Unchanged,
+    /// A new set was loaded; new handshakes use it.
+    Loaded,
+    /// A new set was read whole and refused; the previous one keeps serving.
+    Refused(TlsError),
+    /// A file could not be read (an I/O error such as EMFILE, a file gone for a moment).
+    /// Nothing is recorded, so the next look reads the files again; `new` is false when the
+    /// previous look failed the same way.
+    Unreadable { error: TlsError, new: bool },
 }
 
 impl TlsState {
     /// Loads the configured set; an error here stops the start (there is nothing to serve).
     pub fn load(settings: &TlsConfig, metrics: Arc<Metrics>) -> Result<Arc<TlsState>, TlsError> {
-        let material = load(settings)?;
+        let files = Files::read(settings)?;
+        let material = load(settings, &files)?;
         metrics.register_certificate_metrics();
         metrics.set_certificate_expiry(material.not_after);
         Ok(Arc::new(TlsState {
@@ -169,6 +219,7 @@ impl TlsState {
             current: ArcSwap::new(material.config),
             not_after: AtomicI64::new(material.not_after),
             metrics,
+            loaded: files.fingerprint(),
         }))
     }
 
@@ -185,12 +236,34 @@ impl TlsState {
         self.not_after.load(Ordering::Relaxed) - now
     }
 
-    fn reload(&self) -> Result<(), TlsError> {
-        let material = load(&self.settings)?;
-        self.current.store(material.config);
-        self.not_after.store(material.not_after, Ordering::Relaxed);
-        self.metrics.set_certificate_expiry(material.not_after);
-        Ok(())
+    /// One look at the files, `files` being what reading them gave: a set whose contents
+    /// differ from the last one read whole is loaded.
+    fn look(&self, seen: &mut Seen, files: Result<Files, TlsError>) -> Look {
+        let files = match files {
+            Ok(files) => files,
+            Err(error) => {
+                let message = error.to_string();
+                let new = seen.unreadable.as_deref() != Some(message.as_str());
+                seen.unreadable = Some(message);
+                return Look::Unreadable { error, new };
+            }
+        };
+        seen.unreadable = None;
+        let contents = files.fingerprint();
+        if contents == seen.contents {
+            return Look::Unchanged;
+        }
+        // These very bytes are parsed now: loaded or refused, this content has had its turn.
+        seen.contents = contents;
+        match load(&self.settings, &files) {
+            Ok(material) => {
+                self.current.store(material.config);
+                self.not_after.store(material.not_after, Ordering::Relaxed);
+                self.metrics.set_certificate_expiry(material.not_after);
+                Look::Loaded
+            }
+            Err(error) => Look::Refused(error),
+        }
     }
 
     /// Watches the files and reloads on change until the returned task is aborted.
@@ -201,7 +274,10 @@ impl TlsState {
         tokio::spawn(async move {
             // The watcher lives as long as this task.
             let _watcher = watcher;
-            let mut last = fingerprint(&state.settings);
+            let mut seen = Seen {
+                contents: state.loaded,
+                unreadable: None,
+            };
             loop {
                 tokio::select! {
                     _ = rx.recv() => {
@@ -211,19 +287,22 @@ impl TlsState {
                     }
                     () = tokio::time::sleep(POLL_INTERVAL) => {}
                 }
-                let now = fingerprint(&state.settings);
-                if now == last {
-                    continue;
-                }
-                last = now;
-                match state.reload() {
-                    Ok(()) => {
+                match state.look(&mut seen, Files::read(&state.settings)) {
+                    Look::Unchanged => {}
+                    Look::Loaded => {
                         state.metrics.tls_reload("ok");
                         tracing::info!(cert = %state.settings.cert.display(), "TLS certificates reloaded");
                     }
-                    Err(e) => {
+                    Look::Refused(e) => {
                         state.metrics.tls_reload("error");
                         tracing::error!(error = %e, "new TLS certificates refused; the previous ones keep serving");
+                    }
+                    Look::Unreadable { error, new: true } => {
+                        state.metrics.tls_reload("error");
+                        tracing::error!(error = %error, "cannot read the TLS certificates; the previous ones keep serving, and the files are read again at every poll");
+                    }
+                    Look::Unreadable { error, new: false } => {
+                        tracing::debug!(error = %error, "the TLS certificates are still unreadable");
                     }
                 }
             }
@@ -263,4 +342,147 @@ fn watch_folders(
         }
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::ClientConfig;
+
+    /// A CA made here, and the serving files it issues into a temporary folder.
+    struct Pki {
+        ca: rcgen::Certificate,
+        ca_key: KeyPair,
+        settings: TlsConfig,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = params.self_signed(&ca_key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let settings = TlsConfig {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                client_ca: None,
+                client_cert: ClientCertMode::Optional,
+                min_version: TlsVersion::Tls12,
+            };
+            Pki {
+                ca,
+                ca_key,
+                settings,
+                _dir: dir,
+            }
+        }
+
+        /// Writes a new serving certificate for localhost and its key; returns its DER.
+        fn write_set(&self) -> Vec<u8> {
+            let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+            std::fs::write(&self.settings.cert, cert.pem()).unwrap();
+            std::fs::write(&self.settings.key, key.serialize_pem()).unwrap();
+            cert.der().to_vec()
+        }
+
+        /// The certificate `state` presents in a real handshake on a local socket.
+        async fn served(&self, state: &TlsState) -> Vec<u8> {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let acceptor = state.acceptor();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                acceptor.accept(tcp).await.map(drop)
+            });
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.der().clone()).unwrap();
+            let config = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            server.await.unwrap().unwrap();
+            tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        }
+
+        fn read_failure(&self) -> Result<Files, TlsError> {
+            Err(TlsError::Read {
+                path: self.settings.key.clone(),
+                source: std::io::Error::from_raw_os_error(24), // EMFILE
+            })
+        }
+    }
+
+    fn start(pki: &Pki) -> (Arc<TlsState>, Seen) {
+        let state = TlsState::load(&pki.settings, Arc::new(Metrics::new())).unwrap();
+        let seen = Seen {
+            contents: state.loaded,
+            unreadable: None,
+        };
+        (state, seen)
+    }
+
+    #[tokio::test]
+    async fn a_set_that_could_not_be_read_is_read_again_at_the_next_look() {
+        let pki = Pki::new();
+        let first = pki.write_set();
+        let (state, mut seen) = start(&pki);
+        assert_eq!(pki.served(&state).await, first);
+
+        // New files are in place, but reading them fails for a while (EMFILE, say): reported
+        // once, and the old set keeps serving.
+        let renewed = pki.write_set();
+        let look = state.look(&mut seen, pki.read_failure());
+        assert!(
+            matches!(look, Look::Unreadable { new: true, .. }),
+            "{look:?}"
+        );
+        let look = state.look(&mut seen, pki.read_failure());
+        assert!(
+            matches!(look, Look::Unreadable { new: false, .. }),
+            "{look:?}"
+        );
+        assert_eq!(pki.served(&state).await, first);
+
+        // The next look that reads them loads them.
+        let look = state.look(&mut seen, Files::read(&pki.settings));
+        assert!(matches!(look, Look::Loaded), "{look:?}");
+        assert_eq!(pki.served(&state).await, renewed);
+        let look = state.look(&mut seen, Files::read(&pki.settings));
+        assert!(matches!(look, Look::Unchanged), "{look:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_set_is_not_tried_again_until_a_file_changes() {
+        let pki = Pki::new();
+        let first = pki.write_set();
+        let (state, mut seen) = start(&pki);
+
+        std::fs::write(&pki.settings.cert, "not a certificate").unwrap();
+        let look = state.look(&mut seen, Files::read(&pki.settings));
+        assert!(
+            matches!(look, Look::Refused(TlsError::Pem { .. })),
+            "{look:?}"
+        );
+        // The same broken contents: nothing to report again.
+        let look = state.look(&mut seen, Files::read(&pki.settings));
+        assert!(matches!(look, Look::Unchanged), "{look:?}");
+        assert_eq!(pki.served(&state).await, first);
+
+        let renewed = pki.write_set();
+        let look = state.look(&mut seen, Files::read(&pki.settings));
+        assert!(matches!(look, Look::Loaded), "{look:?}");
+        assert_eq!(pki.served(&state).await, renewed);
+    }
 }

@@ -90,8 +90,25 @@ impl Ca {
         usage: Usage,
         expired: bool,
     ) -> Issued {
+        self.issue_with_dn(&[(DnType::CommonName, cn)], dns, uri, usage, expired)
+    }
+
+    /// [`Ca::issue`] with the subject `dn`, its attributes in certificate order (least specific
+    /// first: `[(O, "Example"), (CN, "alice")]` is printed `CN=alice,O=Example`).
+    pub fn issue_with_dn(
+        &self,
+        dn: &[(DnType, &str)],
+        dns: &[&str],
+        uri: &[&str],
+        usage: Usage,
+        expired: bool,
+    ) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
+        // Not the default, which already holds a CN (first).
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in dn {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
         for name in dns {
             params
                 .subject_alt_names
