@@ -508,6 +508,17 @@ impl Validator<'_> {
         }
     }
 
+    /// Parses a duration that must be more than zero: a timeout, a window or an interval of
+    /// zero would fail every request or switch a check off.
+    fn nonzero_duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration(path, value, default);
+        if d.is_zero() {
+            self.error(path, "must be more than 0s");
+            return default;
+        }
+        d
+    }
+
     fn socket_addr(&mut self, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
         let text = value.unwrap_or(default);
         match text.parse() {
@@ -717,14 +728,11 @@ impl Validator<'_> {
         );
         let max_body_bytes =
             self.positive("server.max_body_bytes", raw.max_body_bytes, 1 << 20, true);
-        let header_read_timeout = self.duration(
+        let header_read_timeout = self.nonzero_duration(
             "server.header_read_timeout",
             raw.header_read_timeout.as_deref(),
             Duration::from_secs(10),
         );
-        if header_read_timeout.is_zero() {
-            self.error("server.header_read_timeout", "must be more than 0s");
-        }
         let busy_poll = raw.busy_poll.unwrap_or(false);
         if busy_poll && threads != 1 {
             self.error(
@@ -875,12 +883,12 @@ impl Validator<'_> {
                 None
             }
         };
-        let connect_timeout = self.duration(
+        let connect_timeout = self.nonzero_duration(
             "upstream.connect_timeout",
             raw.connect_timeout.as_deref(),
             Duration::from_secs(2),
         );
-        let request_timeout = self.duration(
+        let request_timeout = self.nonzero_duration(
             "upstream.request_timeout",
             raw.request_timeout.as_deref(),
             Duration::from_secs(30),
@@ -996,12 +1004,14 @@ impl Validator<'_> {
                 OnStoreError::Deny
             }
         };
-        let timeout = self.duration(
+        // 0s would time out every store command: with on_error = "allow", that silently turns
+        // replay protection off.
+        let timeout = self.nonzero_duration(
             "store.timeout",
             raw.timeout.as_deref(),
             Duration::from_millis(100),
         );
-        let revocation_max_lag = self.duration(
+        let revocation_max_lag = self.nonzero_duration(
             "store.revocation_max_lag",
             raw.revocation_max_lag.as_deref(),
             Duration::from_secs(5),
@@ -1141,12 +1151,12 @@ impl Validator<'_> {
             raw.max_lifetime.as_deref(),
             Duration::from_secs(24 * 3600),
         );
-        let jwks_refresh = self.duration(
+        let jwks_refresh = self.nonzero_duration(
             &format!("{at}.jwks_refresh"),
             raw.jwks_refresh.as_deref(),
             Duration::from_secs(300),
         );
-        let jwks_min_refetch = self.duration(
+        let jwks_min_refetch = self.nonzero_duration(
             &format!("{at}.jwks_min_refetch"),
             raw.jwks_min_refetch.as_deref(),
             Duration::from_secs(30),
@@ -1156,9 +1166,6 @@ impl Validator<'_> {
             raw.jwks_max_stale.as_deref(),
             Duration::from_secs(24 * 3600),
         );
-        if jwks_refresh.is_zero() {
-            self.error(format!("{at}.jwks_refresh"), "must be more than 0s");
-        }
         if raw.audiences.is_empty() {
             if raw.permissions_claim.as_deref() == Some("aud") {
                 self.error(
@@ -1189,14 +1196,11 @@ impl Validator<'_> {
     }
 
     fn signature(&mut self, raw: raw::RawSignature) -> SignatureConfig {
-        let max_skew = self.duration(
+        let max_skew = self.nonzero_duration(
             "signature.max_skew",
             raw.max_skew.as_deref(),
             Duration::from_secs(300),
         );
-        if max_skew.is_zero() {
-            self.error("signature.max_skew", "must be more than 0s");
-        }
         let mut keys: Vec<SignatureKey> = Vec::new();
         for (i, k) in raw.keys.into_iter().enumerate() {
             let at = format!("signature.keys[{i}]");
@@ -1568,6 +1572,60 @@ mod tests {
             Ok(_) => panic!("accepted:\n{extra}"),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn zero_durations_that_would_break_requests_are_refused() {
+        // A zero store timeout fails every store command (with on_error = "allow": no replay
+        // protection at all); zero upstream timeouts fail every request; a zero refetch
+        // interval refetches the JWKS for every unknown kid.
+        let issuer = |key: &str| {
+            format!(
+                "[[jwt.issuers]]\nissuer = \"https://i.test\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\n\
+                 jwks_url = \"https://i.test/jwks\"\n{key} = \"0s\"\n"
+            )
+        };
+        for (key, extra) in [
+            ("store.timeout", "[store]\ntimeout = \"0s\"\n".to_owned()),
+            (
+                "store.revocation_max_lag",
+                "[store]\nrevocation_max_lag = \"0ms\"\n".to_owned(),
+            ),
+            (
+                "upstream.connect_timeout",
+                "connect_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "upstream.request_timeout",
+                "request_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "jwt.issuers[0].jwks_min_refetch",
+                issuer("jwks_min_refetch"),
+            ),
+            ("jwt.issuers[0].jwks_refresh", issuer("jwks_refresh")),
+            (
+                "server.header_read_timeout",
+                "[server]\nheader_read_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "signature.max_skew",
+                "[signature]\nmax_skew = \"0s\"\n".to_owned(),
+            ),
+        ] {
+            assert_eq!(
+                errors(&extra, &[]),
+                [format!("{key}: must be more than 0s")],
+                "{extra}"
+            );
+        }
+        let c = parse(
+            "connect_timeout = \"1ms\"\n[store]\ntimeout = \"1ms\"\nrevocation_max_lag = \"1ms\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(1));
+        assert_eq!(c.store.timeout, Duration::from_millis(1));
     }
 
     #[test]
