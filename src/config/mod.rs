@@ -15,7 +15,8 @@ use jsonwebtoken::Algorithm;
 
 use crate::proxy::path;
 
-/// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys).
+/// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys), and
+/// the shortest admin token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The longest duration the configuration takes (ten years): more than any timeout, window or
@@ -553,7 +554,8 @@ impl Validator<'_> {
         p
     }
 
-    /// Loads a secret named by an environment variable or a file (trailing newline trimmed).
+    /// Loads an HMAC secret named by an environment variable or a file (trailing newline
+    /// trimmed). Its bytes are the key, whatever they are; only the length is checked.
     fn secret(
         &mut self,
         path: &str,
@@ -562,6 +564,57 @@ impl Validator<'_> {
         file_key: &str,
         file: Option<&str>,
     ) -> Option<Secret> {
+        let (bytes, _) = self.secret_bytes(path, env_key, env, file_key, file)?;
+        if bytes.len() < MIN_SECRET_BYTES {
+            self.error(
+                path,
+                format!(
+                    "the secret is {} bytes; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes",
+                    bytes.len()
+                ),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    /// Loads the admin API's bearer token. Unlike an HMAC secret it is compared with what a
+    /// client sends in `Authorization`, and a header value can neither start or end with
+    /// whitespace (HTTP strips it, and so does the admin listener) nor hold control
+    /// characters: such a token would load and then never match. It is refused instead.
+    fn admin_token(&mut self, raw: &raw::RawAdmin) -> Option<Secret> {
+        let (env, file) = (raw.token_env.as_deref(), raw.token_file.as_deref());
+        let (bytes, at) = self.secret_bytes("admin", "token_env", env, "token_file", file)?;
+        // The token itself is never repeated.
+        let message = if bytes.first().is_some_and(u8::is_ascii_whitespace)
+            || bytes.last().is_some_and(u8::is_ascii_whitespace)
+        {
+            "the admin token starts or ends with whitespace, which no Authorization header can carry; remove it".to_owned()
+        } else if http::HeaderValue::from_bytes(&bytes).is_err() {
+            "the admin token holds a control character, which no Authorization header can carry"
+                .to_owned()
+        } else if bytes.len() < MIN_SECRET_BYTES {
+            format!(
+                "the admin token is {} bytes; it must be at least {MIN_SECRET_BYTES} bytes",
+                bytes.len()
+            )
+        } else {
+            return Some(Secret(bytes));
+        };
+        self.error(at, message);
+        None
+    }
+
+    /// Reads a secret named by an environment variable or a file (trailing newline trimmed),
+    /// and the key path of the one given.
+    fn secret_bytes(
+        &mut self,
+        path: &str,
+        env_key: &str,
+        env: Option<&str>,
+        file_key: &str,
+        file: Option<&str>,
+    ) -> Option<(Vec<u8>, String)> {
         let bytes = match (env, file) {
             (Some(_), Some(_)) => {
                 self.error(path, format!("give {env_key} or {file_key}, not both"));
@@ -603,17 +656,8 @@ impl Validator<'_> {
                 }
             }
         };
-        if bytes.len() < MIN_SECRET_BYTES {
-            self.error(
-                path,
-                format!(
-                    "the secret is {} bytes; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes",
-                    bytes.len()
-                ),
-            );
-            return None;
-        }
-        Some(Secret(bytes))
+        let given = if env.is_some() { env_key } else { file_key };
+        Some((bytes, format!("{path}.{given}")))
     }
 
     /// Loads a secret text (a URL with a password) from an environment variable or a file.
@@ -919,13 +963,7 @@ impl Validator<'_> {
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
         let listen = self.socket_addr("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901");
         let token = if raw.token_env.is_some() || raw.token_file.is_some() {
-            self.secret(
-                "admin",
-                "token_env",
-                raw.token_env.as_deref(),
-                "token_file",
-                raw.token_file.as_deref(),
-            )
+            self.admin_token(&raw)
         } else {
             None
         };
@@ -1626,6 +1664,55 @@ mod tests {
         .unwrap();
         assert_eq!(c.upstream.connect_timeout, Duration::from_millis(1));
         assert_eq!(c.store.timeout, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn an_admin_token_no_client_can_send_is_refused() {
+        let token = "0123456789abcdef0123456789abcdef";
+        for (value, why) in [
+            (format!("{token}\n"), "starts or ends with whitespace"),
+            (format!("{token} "), "starts or ends with whitespace"),
+            (format!("\t{token}"), "starts or ends with whitespace"),
+            (format!("{token}\u{7f}x"), "holds a control character"),
+            (format!("{token}\nx"), "holds a control character"),
+        ] {
+            let e = errors("[admin]\ntoken_env = \"T\"\n", &[("T", value.as_str())]);
+            assert_eq!(e.len(), 1, "{value:?}: {e:?}");
+            assert!(
+                e[0].starts_with(&format!("admin.token_env: the admin token {why}")),
+                "{value:?}: {e:?}"
+            );
+            assert!(!e[0].contains(token), "the token is repeated: {e:?}");
+        }
+        // The file's trailing newline is trimmed; a space before it is not.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok"), format!("{token}\n")).unwrap();
+        std::fs::write(dir.path().join("space"), format!("{token} \n")).unwrap();
+        let from_file = |name: &str| {
+            Config::parse(
+                &format!("{UPSTREAM}[admin]\ntoken_file = \"{name}\"\n"),
+                dir.path(),
+                &|_| None,
+            )
+        };
+        let c = from_file("ok").unwrap();
+        assert_eq!(c.admin.token.unwrap().expose(), token.as_bytes());
+        let e = from_file("space").unwrap_err().to_string();
+        assert!(
+            e.starts_with("admin.token_file: the admin token starts or ends with whitespace"),
+            "{e}"
+        );
+        // Too short: the message is about the admin token, not HMAC secrets.
+        assert_eq!(
+            errors("[admin]\ntoken_env = \"T\"\n", &[("T", "short-token")]),
+            ["admin.token_env: the admin token is 11 bytes; it must be at least 32 bytes"]
+        );
+        let c = parse(
+            "[admin]\ntoken_env = \"T\"\n",
+            &[("T", "a token with inner spaces, 32 bytes")],
+        )
+        .unwrap();
+        assert!(c.admin.token.is_some());
     }
 
     #[test]
