@@ -120,6 +120,49 @@ secrets = [{ kid = "k", file = "short.secret" }]
     );
 }
 
+#[test]
+fn values_that_would_break_every_request_are_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A token with a space before its newline loads, and then no client can ever send it.
+    std::fs::write(
+        dir.path().join("admin.token"),
+        "0123456789abcdef0123456789abcdef \n",
+    )
+    .unwrap();
+    let text = r#"
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+
+[upstream]
+url = "http://127.0.0.1:1"
+
+[store]
+on_error = "allow"
+timeout = "0s"
+
+[[routes]]
+name = "bulk"
+path_prefix = "/"
+rate_limit = { requests = 2000000, per = "1s", key = "ip" }
+"#;
+    let (code, stdout) = check_config(dir.path(), "breaks.toml", text);
+    assert_eq!(code, Some(64), "{stdout}");
+    let errors: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: admin.token_file: the admin token starts or ends with whitespace, which no Authorization header can carry; remove it",
+            "error: store.timeout: must be more than 0s",
+            "error: routes[0].rate_limit.requests: route \"bulk\" allows 2000000 requests per 1s: more than one a microsecond, the finest rate the limiter keeps",
+        ],
+        "{stdout}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
     let upstream = Upstream::start().await;

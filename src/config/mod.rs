@@ -1456,6 +1456,16 @@ impl Validator<'_> {
             }
             if per < Duration::from_secs(1) {
                 self.error(format!("{at}.rate_limit.per"), "must be at least 1s");
+            } else if u128::try_from(rl.requests).is_ok_and(|n| n > per.as_micros()) {
+                // The limiter spaces requests at least 1 µs apart (`store::ratelimit`): more
+                // would pass fewer than the RateLimit-Policy header promises.
+                self.error(
+                    format!("{at}.rate_limit.requests"),
+                    format!(
+                        "route {:?} allows {} requests per {}: more than one a microsecond, the finest rate the limiter keeps",
+                        raw.name, rl.requests, rl.per
+                    ),
+                );
             }
             let key = match rl.key.as_str() {
                 "subject" => RateLimitKey::Subject,
@@ -1713,6 +1723,32 @@ mod tests {
         )
         .unwrap();
         assert!(c.admin.token.is_some());
+    }
+
+    #[test]
+    fn a_rate_limit_of_more_than_one_request_a_microsecond_is_refused() {
+        let route = |requests: u64, per: &str| {
+            format!(
+                "[[routes]]\nname = \"bulk\"\npath_prefix = \"/\"\n\
+                 rate_limit = {{ requests = {requests}, per = \"{per}\", key = \"ip\" }}\n"
+            )
+        };
+        assert_eq!(
+            errors(&route(1_000_001, "1s"), &[]),
+            ["routes[0].rate_limit.requests: route \"bulk\" allows 1000001 requests per 1s: more than one a microsecond, the finest rate the limiter keeps"]
+        );
+        let e = errors(&route(u64::MAX >> 1, "1h"), &[]);
+        assert!(e[0].starts_with("routes[0].rate_limit.requests: "), "{e:?}");
+        for (requests, per) in [(1_000_000, "1s"), (60_000_000, "1m")] {
+            let c = parse(&route(requests, per), &[]).unwrap();
+            let limit = c.routes[0].rate_limit.as_ref().unwrap();
+            assert_eq!(limit.requests, requests);
+            // What the limiter does with it: one request a microsecond, not fewer.
+            assert_eq!(
+                crate::store::ratelimit::emission_us(limit.requests, limit.per),
+                1
+            );
+        }
     }
 
     #[test]
