@@ -1,6 +1,10 @@
 //! Configuration: the TOML file is read into the serde mirror in [`raw`], then checked and turned
 //! into [`Config`], which holds only valid values (socket addresses, durations, loaded secrets).
 //! Every problem is collected with its key path, so `check-config` reports them all at once.
+//! What the proxy would refuse at start is refused here, with the code the proxy runs: the TLS
+//! files are loaded (`server::tls::check`, `proxy::upstream_tls::check`) and the Redis URL is
+//! parsed (`store::redis::check_url`, without connecting), so that a configuration
+//! `check-config` accepts is one the proxy starts with.
 
 mod raw;
 
@@ -850,6 +854,7 @@ impl Validator<'_> {
     }
 
     fn tls(&mut self, raw: raw::RawTls) -> TlsConfig {
+        let errors_before = self.errors.len();
         let cert = self.existing_file("server.tls.cert", &raw.cert);
         let key = self.existing_file("server.tls.key", &raw.key);
         let client_ca = raw
@@ -884,13 +889,21 @@ impl Validator<'_> {
                 TlsVersion::Tls12
             }
         };
-        TlsConfig {
+        let tls = TlsConfig {
             cert,
             key,
             client_ca,
             client_cert,
             min_version,
+        };
+        // Loaded as the proxy will at start, so that a set it would refuse (not PEM, a key
+        // that does not match the certificate, an empty CA bundle) is an error here.
+        if self.errors.len() == errors_before {
+            if let Err(e) = crate::server::tls::check(&tls) {
+                self.error(e.setting(), e.to_string());
+            }
         }
+        tls
     }
 
     fn upstream(&mut self, raw: Option<raw::RawUpstream>) -> Option<UpstreamConfig> {
@@ -937,10 +950,12 @@ impl Validator<'_> {
             raw.request_timeout.as_deref(),
             Duration::from_secs(30),
         );
+        let errors_before = self.errors.len();
         let ca = raw
             .ca
             .as_deref()
             .map(|ca| self.existing_file("upstream.ca", ca));
+        let ca_exists = self.errors.len() == errors_before;
         let mut pins = Vec::new();
         for (i, pin) in raw.pins.iter().enumerate() {
             match decode_pin(pin.strip_prefix("sha256/").unwrap_or("")) {
@@ -951,13 +966,21 @@ impl Validator<'_> {
                 ),
             }
         }
-        Some(UpstreamConfig {
+        let upstream = UpstreamConfig {
             url: url?,
             connect_timeout,
             request_timeout,
             ca,
             pins,
-        })
+        };
+        // Built as the proxy will at start, so that a CA bundle it would refuse is an error
+        // here.
+        if upstream.ca.is_some() && ca_exists {
+            if let Err(e) = crate::proxy::upstream_tls::check(&upstream) {
+                self.error(e.setting(), e.to_string());
+            }
+        }
+        Some(upstream)
     }
 
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
@@ -1013,6 +1036,10 @@ impl Validator<'_> {
                         "store.url",
                         "the URL must start with redis://, rediss://, redis-cluster:// or redis-sentinel://",
                     );
+                } else if let Err(e) = crate::store::redis::check_url(&url) {
+                    // Parsed as the store will at start (no connection); the error does not
+                    // repeat the URL either.
+                    self.error("store.url", e.to_string());
                 }
                 StoreBackend::Redis { url }
             }
@@ -1748,6 +1775,42 @@ mod tests {
                 crate::store::ratelimit::emission_us(limit.requests, limit.per),
                 1
             );
+        }
+    }
+
+    #[test]
+    fn redis_urls_are_parsed_as_the_store_parses_them() {
+        for (url, why) in [
+            ("redis-sentinel://127.0.0.1:26379", "sentinel service name"),
+            ("redis://127.0.0.1:abc/0", "InvalidPort"),
+            ("redis://127.0.0.1:6379/0/1", "Invalid database path"),
+            ("redis-cluster://h1:7000,h2:x", ""),
+        ] {
+            let e = errors(
+                &format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\n"),
+                &[],
+            );
+            assert_eq!(e.len(), 1, "{url}: {e:?}");
+            assert!(
+                e[0].starts_with("store.url: the store url is invalid: ") && e[0].contains(why),
+                "{url}: {e:?}"
+            );
+        }
+        // From the environment, with a password that the error does not repeat.
+        let e = errors(
+            "[store]\nbackend = \"redis\"\nurl_env = \"R\"\n",
+            &[("R", "redis-sentinel://:hunter2@127.0.0.1:26379")],
+        );
+        assert!(e[0].starts_with("store.url: "), "{e:?}");
+        assert!(!e[0].contains("hunter2"), "{e:?}");
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "rediss://cache.example.org:6380/1",
+            "redis-cluster://h1:7000,h2:7001",
+            "redis-sentinel://s1:26379,s2:26379/0?sentinelServiceName=main",
+        ] {
+            let text = format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\n");
+            assert!(parse(&text, &[]).is_ok(), "{url}");
         }
     }
 
