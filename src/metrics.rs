@@ -4,23 +4,55 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A label value from the configuration (a route name, an issuer), written escaped.
+///
+/// prometheus-client writes label values as they are, and OpenMetrics ends a value at its first
+/// `"`: a route named `say "hi"` would make the whole scrape unparsable, and Prometheus drops
+/// all of it. Route names may hold `"` and `\`, issuers anything. The values the proxy makes
+/// itself (codes, results, operations) need no escaping.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Escaped<T>(T);
+
+impl<T> EncodeLabelValue for Escaped<T>
+where
+    T: std::ops::Deref,
+    T::Target: AsRef<str>,
+{
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write;
+        let text = (*self.0).as_ref();
+        let mut start = 0;
+        // OpenMetrics escapes exactly these three in a label value.
+        for (at, found) in text.match_indices(['\\', '"', '\n']) {
+            encoder.write_str(&text[start..at])?;
+            encoder.write_str(match found {
+                "\\" => "\\\\",
+                "\"" => "\\\"",
+                _ => "\\n",
+            })?;
+            start = at + found.len();
+        }
+        encoder.write_str(&text[start..])
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: Option<Arc<String>>,
+    route: Option<Escaped<Arc<String>>>,
     code: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JwksLabels {
-    issuer: String,
+    issuer: Escaped<String>,
     result: String,
 }
 
@@ -36,7 +68,7 @@ struct OperationLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuerLabels {
-    issuer: String,
+    issuer: Escaped<String>,
 }
 
 /// The statuses whose counters [`RouteCounters`] keeps (others are counted through the family).
@@ -151,7 +183,7 @@ impl Metrics {
     ) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.cloned(),
+                route: route.cloned().map(Escaped),
                 code,
                 status,
             })
@@ -185,7 +217,7 @@ impl Metrics {
                 slot.get_or_init(|| {
                     self.requests
                         .get_or_create(&RequestLabels {
-                            route: Some(counters.route.clone()),
+                            route: Some(Escaped(counters.route.clone())),
                             code: "ok",
                             status,
                         })
@@ -203,7 +235,7 @@ impl Metrics {
     pub fn jwks_refresh(&self, issuer: &str, result: &str) {
         self.jwks_refreshes
             .get_or_create(&JwksLabels {
-                issuer: issuer.to_owned(),
+                issuer: Escaped(issuer.to_owned()),
                 result: result.to_owned(),
             })
             .inc();
@@ -274,7 +306,7 @@ impl Metrics {
     pub fn set_keys_age(&self, issuer: &str, age: Duration) {
         self.keys_age
             .get_or_create(&IssuerLabels {
-                issuer: issuer.to_owned(),
+                issuer: Escaped(issuer.to_owned()),
             })
             .set(age.as_secs_f64());
     }
@@ -298,6 +330,73 @@ mod tests {
 
     fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
         text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn label_values_from_the_configuration_are_escaped() {
+        let metrics = Metrics::new();
+        // Route names may hold `"` and `\`; an issuer may hold anything, a newline too.
+        let route = Arc::new(r#"say "hi" \ bye"#.to_string());
+        let ms = Duration::from_millis(1);
+        metrics.request(Some(&route), "token_expired", 401, ms);
+        metrics.forwarded(&metrics.route_counters(&route), 200, ms);
+        metrics.jwks_refresh("https://i.test/\"x\"\nend", "ok");
+        metrics.set_keys_age("https://i.test/\"x\"\nend", Duration::from_secs(3));
+
+        let text = metrics.encode();
+        for want in [
+            r#"portcullis_requests_total{route="say \"hi\" \\ bye",code="token_expired",status="401"} 1"#,
+            r#"portcullis_requests_total{route="say \"hi\" \\ bye",code="ok",status="200"} 1"#,
+            r#"portcullis_jwks_refreshes_total{issuer="https://i.test/\"x\"\nend",result="ok"} 1"#,
+            r#"portcullis_jwks_keys_age_seconds{issuer="https://i.test/\"x\"\nend"} 3.0"#,
+        ] {
+            assert!(text.lines().any(|l| l == want), "no line {want}\n{text}");
+        }
+        // Every line is a comment, a sample whose labels close where they should, or the end.
+        for l in text.lines() {
+            let valid = l.starts_with("# ")
+                || l.rsplit_once(' ').is_some_and(|(series, value)| {
+                    value.parse::<f64>().is_ok()
+                        && series.find('{').is_none_or(|open| {
+                            series.ends_with('}') && labels_close(&series[open + 1..])
+                        })
+                });
+            assert!(valid, "not OpenMetrics: {l:?}\n{text}");
+        }
+    }
+
+    /// Whether `labels` (what follows a series' `{`) is `name="value",...}` with every value
+    /// closed at its unescaped `"` and nothing after the `}`.
+    fn labels_close(labels: &str) -> bool {
+        let mut rest = labels;
+        loop {
+            let Some((name, value)) = rest.split_once("=\"") else {
+                return false;
+            };
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return false;
+            }
+            let mut chars = value.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((_, '\\')) => {
+                        if !matches!(chars.next(), Some((_, '\\' | '"' | 'n'))) {
+                            return false;
+                        }
+                    }
+                    Some((_, '\n')) | None => return false,
+                    Some((i, '"')) => break i,
+                    Some(_) => {}
+                }
+            };
+            match &value[end + 1..] {
+                "}" => return true,
+                more => match more.strip_prefix(',') {
+                    Some(next) => rest = next,
+                    None => return false,
+                },
+            }
+        }
     }
 
     #[test]

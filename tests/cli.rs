@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::http::get;
+use support::pki::{Ca, Usage};
 use support::proxy::{config_text, ProxyProcess};
 use support::upstream::Upstream;
 
@@ -28,6 +29,35 @@ fn check_config(dir: &std::path::Path, name: &str, text: &str) -> (Option<i32>, 
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Writes `text` to `name` in `dir` and runs `proxy --config` on it, for a configuration the
+/// proxy must refuse: the exit code and stderr. A proxy still running after 20 s is killed and
+/// fails the test.
+fn proxy_refuses(dir: &std::path::Path, name: &str, text: &str) -> (Option<i32>, String) {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    let mut child = portcullis()
+        .args(["proxy", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the proxy started on an invalid configuration:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -118,6 +148,160 @@ secrets = [{ kid = "k", file = "short.secret" }]
         stdout.contains("error: jwt.issuers[0].secrets[0]: the secret is 9 bytes"),
         "{stdout}"
     );
+}
+
+#[test]
+fn values_that_would_break_every_request_are_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A token with a space before its newline loads, and then no client can ever send it.
+    std::fs::write(
+        dir.path().join("admin.token"),
+        "0123456789abcdef0123456789abcdef \n",
+    )
+    .unwrap();
+    let text = r#"
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+
+[upstream]
+url = "http://127.0.0.1:1"
+
+[store]
+on_error = "allow"
+timeout = "0s"
+
+[[routes]]
+name = "bulk"
+path_prefix = "/"
+rate_limit = { requests = 2000000, per = "1s", key = "ip" }
+"#;
+    let (code, stdout) = check_config(dir.path(), "breaks.toml", text);
+    assert_eq!(code, Some(64), "{stdout}");
+    let errors: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: admin.token_file: the admin token starts or ends with whitespace, which no Authorization header can carry; remove it",
+            "error: store.timeout: must be more than 0s",
+            "error: routes[0].rate_limit.requests: route \"bulk\" allows 2000000 requests per 1s: more than one a microsecond, the finest rate the limiter keeps",
+        ],
+        "{stdout}"
+    );
+}
+
+#[test]
+fn tls_files_the_proxy_cannot_load_are_configuration_errors_of_both_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("portcullis test CA");
+    ca.write(d, "ca");
+    ca.issue("localhost", &["localhost"], &[], Usage::Server, false)
+        .write(d, "tls");
+    let (_, other_key) = ca
+        .issue("other", &["other"], &[], Usage::Server, false)
+        .write(d, "other");
+    std::fs::write(d.join("garbage.pem"), "this is not PEM\n").unwrap();
+    std::fs::write(d.join("empty.crt"), "").unwrap();
+    let other_key = other_key.display().to_string();
+    let config = |tls: &str, upstream: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{tls}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\n{upstream}\n"
+        )
+    };
+    let server_tls = |cert: &str, key: &str, client_ca: &str| {
+        format!("[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{client_ca}")
+    };
+    let plain = "url = \"http://127.0.0.1:1\"";
+
+    // The good set is accepted, so each case below fails for its one bad file.
+    let good = config(
+        &server_tls("tls.crt", "tls.key", "client_ca = \"ca.crt\"\n"),
+        "url = \"https://127.0.0.1:1\"\nca = \"ca.crt\"",
+    );
+    let (code, stdout) = check_config(d, "good.toml", &good);
+    assert_eq!(code, Some(0), "{stdout}");
+
+    for (name, text, want) in [
+        (
+            "cert.toml",
+            config(&server_tls("garbage.pem", "tls.key", ""), plain),
+            "server.tls.cert: ".to_owned(),
+        ),
+        (
+            "key.toml",
+            config(&server_tls("tls.crt", "garbage.pem", ""), plain),
+            "server.tls.key: ".to_owned(),
+        ),
+        (
+            "mismatch.toml",
+            config(&server_tls("tls.crt", "other.key", ""), plain),
+            format!(
+                "server.tls: the private key in {other_key} does not match the certificate in "
+            ),
+        ),
+        (
+            "client-ca.toml",
+            config(
+                &server_tls("tls.crt", "tls.key", "client_ca = \"empty.crt\"\n"),
+                plain,
+            ),
+            "server.tls.client_ca: ".to_owned(),
+        ),
+        (
+            "upstream-ca.toml",
+            config("", "url = \"https://127.0.0.1:1\"\nca = \"garbage.pem\""),
+            "upstream.ca: ".to_owned(),
+        ),
+    ] {
+        let (code, stdout) = check_config(d, name, &text);
+        assert_eq!(code, Some(64), "{name}: {stdout}");
+        let errors: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{name}: {stdout}");
+        assert!(
+            errors[0].starts_with(&format!("error: {want}")),
+            "{name}: {stdout}"
+        );
+        // The upstream's CA is not the serving certificate.
+        assert!(!errors[0].contains("serving"), "{name}: {stdout}");
+
+        let (code, stderr) = proxy_refuses(d, name, &text);
+        assert_eq!(code, Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("  {want}")), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn a_redis_url_the_store_cannot_parse_is_a_configuration_error_of_both_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        // A sentinel URL names the service it asks the sentinels for.
+        "redis-sentinel://127.0.0.1:26379/0",
+        "redis://127.0.0.1:abc/0",
+    ] {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:1\"\n\
+             [store]\nbackend = \"redis\"\nurl = \"{url}\"\n"
+        );
+        let (code, stdout) = check_config(dir.path(), "redis.toml", &text);
+        assert_eq!(code, Some(64), "{url}: {stdout}");
+        assert!(
+            stdout.contains("error: store.url: the store url is invalid: "),
+            "{url}: {stdout}"
+        );
+        let (code, stderr) = proxy_refuses(dir.path(), "redis.toml", &text);
+        assert_eq!(code, Some(64), "{url}: {stderr}");
+        assert!(stderr.contains("  store.url: "), "{url}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

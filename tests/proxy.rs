@@ -1181,6 +1181,45 @@ async fn admin_listener_serves_health_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_parsable_with_quotes_and_backslashes_in_a_route_name() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A TOML literal string: the name holds `"` and `\` as they are.
+    let text = config_text(
+        upstream.addr,
+        "[[routes]]\nname = 'say \"hi\" \\ bye'\npath_prefix = \"/\"\n",
+    );
+    let proxy = TestProxy::start(&text, dir.path(), &[]).await;
+    assert_eq!(get(&proxy.url("/x"), &[]).await.status, 200);
+
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await.body;
+    assert!(
+        metrics.lines().any(|l| l
+            == r#"portcullis_requests_total{route="say \"hi\" \\ bye",code="ok",status="200"} 1"#),
+        "{metrics}"
+    );
+    // Each sample's labels end at the `}` before its value: no value was cut short by a `"`.
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_requests_total{"))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let labels = &series["portcullis_requests_total{".len()..];
+        let unescaped_quotes = labels
+            .replace("\\\\", "")
+            .replace("\\\"", "")
+            .matches('"')
+            .count();
+        assert_eq!(
+            unescaped_quotes, 6,
+            "three labels, each quoted once: {line}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_head_on_a_keep_alive_connection_gets_the_whole_header_read_timeout() {
     use tokio::io::AsyncWriteExt;
     let upstream = Upstream::start().await;

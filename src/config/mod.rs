@@ -1,6 +1,10 @@
 //! Configuration: the TOML file is read into the serde mirror in [`raw`], then checked and turned
 //! into [`Config`], which holds only valid values (socket addresses, durations, loaded secrets).
 //! Every problem is collected with its key path, so `check-config` reports them all at once.
+//! What the proxy would refuse at start is refused here, with the code the proxy runs: the TLS
+//! files are loaded (`server::tls::check`, `proxy::upstream_tls::check`) and the Redis URL is
+//! parsed (`store::redis::check_url`, without connecting), so that a configuration
+//! `check-config` accepts is one the proxy starts with.
 
 mod raw;
 
@@ -15,7 +19,8 @@ use jsonwebtoken::Algorithm;
 
 use crate::proxy::path;
 
-/// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys).
+/// The smallest HMAC secret accepted anywhere (JWT HS* keys and request-signature keys), and
+/// the shortest admin token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The longest duration the configuration takes (ten years): more than any timeout, window or
@@ -510,6 +515,17 @@ impl Validator<'_> {
         }
     }
 
+    /// Parses a duration that must be more than zero: a timeout, a window or an interval of
+    /// zero would fail every request or switch a check off.
+    fn nonzero_duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration(path, value, default);
+        if d.is_zero() {
+            self.error(path, "must be more than 0s");
+            return default;
+        }
+        d
+    }
+
     fn socket_addr(&mut self, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
         let text = value.unwrap_or(default);
         match text.parse() {
@@ -544,7 +560,8 @@ impl Validator<'_> {
         p
     }
 
-    /// Loads a secret named by an environment variable or a file (trailing newline trimmed).
+    /// Loads an HMAC secret named by an environment variable or a file (trailing newline
+    /// trimmed). Its bytes are the key, whatever they are; only the length is checked.
     fn secret(
         &mut self,
         path: &str,
@@ -553,6 +570,57 @@ impl Validator<'_> {
         file_key: &str,
         file: Option<&str>,
     ) -> Option<Secret> {
+        let (bytes, _) = self.secret_bytes(path, env_key, env, file_key, file)?;
+        if bytes.len() < MIN_SECRET_BYTES {
+            self.error(
+                path,
+                format!(
+                    "the secret is {} bytes; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes",
+                    bytes.len()
+                ),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    /// Loads the admin API's bearer token. Unlike an HMAC secret it is compared with what a
+    /// client sends in `Authorization`, and a header value can neither start or end with
+    /// whitespace (HTTP strips it, and so does the admin listener) nor hold control
+    /// characters: such a token would load and then never match. It is refused instead.
+    fn admin_token(&mut self, raw: &raw::RawAdmin) -> Option<Secret> {
+        let (env, file) = (raw.token_env.as_deref(), raw.token_file.as_deref());
+        let (bytes, at) = self.secret_bytes("admin", "token_env", env, "token_file", file)?;
+        // The token itself is never repeated.
+        let message = if bytes.first().is_some_and(u8::is_ascii_whitespace)
+            || bytes.last().is_some_and(u8::is_ascii_whitespace)
+        {
+            "the admin token starts or ends with whitespace, which no Authorization header can carry; remove it".to_owned()
+        } else if http::HeaderValue::from_bytes(&bytes).is_err() {
+            "the admin token holds a control character, which no Authorization header can carry"
+                .to_owned()
+        } else if bytes.len() < MIN_SECRET_BYTES {
+            format!(
+                "the admin token is {} bytes; it must be at least {MIN_SECRET_BYTES} bytes",
+                bytes.len()
+            )
+        } else {
+            return Some(Secret(bytes));
+        };
+        self.error(at, message);
+        None
+    }
+
+    /// Reads a secret named by an environment variable or a file (trailing newline trimmed),
+    /// and the key path of the one given.
+    fn secret_bytes(
+        &mut self,
+        path: &str,
+        env_key: &str,
+        env: Option<&str>,
+        file_key: &str,
+        file: Option<&str>,
+    ) -> Option<(Vec<u8>, String)> {
         let bytes = match (env, file) {
             (Some(_), Some(_)) => {
                 self.error(path, format!("give {env_key} or {file_key}, not both"));
@@ -594,17 +662,8 @@ impl Validator<'_> {
                 }
             }
         };
-        if bytes.len() < MIN_SECRET_BYTES {
-            self.error(
-                path,
-                format!(
-                    "the secret is {} bytes; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes",
-                    bytes.len()
-                ),
-            );
-            return None;
-        }
-        Some(Secret(bytes))
+        let given = if env.is_some() { env_key } else { file_key };
+        Some((bytes, format!("{path}.{given}")))
     }
 
     /// Loads a secret text (a URL with a password) from an environment variable or a file.
@@ -719,14 +778,11 @@ impl Validator<'_> {
         );
         let max_body_bytes =
             self.positive("server.max_body_bytes", raw.max_body_bytes, 1 << 20, true);
-        let header_read_timeout = self.duration(
+        let header_read_timeout = self.nonzero_duration(
             "server.header_read_timeout",
             raw.header_read_timeout.as_deref(),
             Duration::from_secs(10),
         );
-        if header_read_timeout.is_zero() {
-            self.error("server.header_read_timeout", "must be more than 0s");
-        }
         let busy_poll = raw.busy_poll.unwrap_or(false);
         if busy_poll && threads != 1 {
             self.error(
@@ -800,6 +856,7 @@ impl Validator<'_> {
     }
 
     fn tls(&mut self, raw: raw::RawTls) -> TlsConfig {
+        let errors_before = self.errors.len();
         let cert = self.existing_file("server.tls.cert", &raw.cert);
         let key = self.existing_file("server.tls.key", &raw.key);
         let client_ca = raw
@@ -834,13 +891,21 @@ impl Validator<'_> {
                 TlsVersion::Tls12
             }
         };
-        TlsConfig {
+        let tls = TlsConfig {
             cert,
             key,
             client_ca,
             client_cert,
             min_version,
+        };
+        // Loaded as the proxy will at start, so that a set it would refuse (not PEM, a key
+        // that does not match the certificate, an empty CA bundle) is an error here.
+        if self.errors.len() == errors_before {
+            if let Err(e) = crate::server::tls::check(&tls) {
+                self.error(e.setting(), e.to_string());
+            }
         }
+        tls
     }
 
     fn upstream(&mut self, raw: Option<raw::RawUpstream>) -> Option<UpstreamConfig> {
@@ -877,20 +942,22 @@ impl Validator<'_> {
                 None
             }
         };
-        let connect_timeout = self.duration(
+        let connect_timeout = self.nonzero_duration(
             "upstream.connect_timeout",
             raw.connect_timeout.as_deref(),
             Duration::from_secs(2),
         );
-        let request_timeout = self.duration(
+        let request_timeout = self.nonzero_duration(
             "upstream.request_timeout",
             raw.request_timeout.as_deref(),
             Duration::from_secs(30),
         );
+        let errors_before = self.errors.len();
         let ca = raw
             .ca
             .as_deref()
             .map(|ca| self.existing_file("upstream.ca", ca));
+        let ca_exists = self.errors.len() == errors_before;
         let mut pins = Vec::new();
         for (i, pin) in raw.pins.iter().enumerate() {
             match decode_pin(pin.strip_prefix("sha256/").unwrap_or("")) {
@@ -901,25 +968,27 @@ impl Validator<'_> {
                 ),
             }
         }
-        Some(UpstreamConfig {
+        let upstream = UpstreamConfig {
             url: url?,
             connect_timeout,
             request_timeout,
             ca,
             pins,
-        })
+        };
+        // Built as the proxy will at start, so that a CA bundle it would refuse is an error
+        // here.
+        if upstream.ca.is_some() && ca_exists {
+            if let Err(e) = crate::proxy::upstream_tls::check(&upstream) {
+                self.error(e.setting(), e.to_string());
+            }
+        }
+        Some(upstream)
     }
 
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
         let listen = self.socket_addr("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901");
         let token = if raw.token_env.is_some() || raw.token_file.is_some() {
-            self.secret(
-                "admin",
-                "token_env",
-                raw.token_env.as_deref(),
-                "token_file",
-                raw.token_file.as_deref(),
-            )
+            self.admin_token(&raw)
         } else {
             None
         };
@@ -969,6 +1038,10 @@ impl Validator<'_> {
                         "store.url",
                         "the URL must start with redis://, rediss://, redis-cluster:// or redis-sentinel://",
                     );
+                } else if let Err(e) = crate::store::redis::check_url(&url) {
+                    // Parsed as the store will at start (no connection); the error does not
+                    // repeat the URL either.
+                    self.error("store.url", e.to_string());
                 }
                 StoreBackend::Redis { url }
             }
@@ -998,12 +1071,14 @@ impl Validator<'_> {
                 OnStoreError::Deny
             }
         };
-        let timeout = self.duration(
+        // 0s would time out every store command: with on_error = "allow", that silently turns
+        // replay protection off.
+        let timeout = self.nonzero_duration(
             "store.timeout",
             raw.timeout.as_deref(),
             Duration::from_millis(100),
         );
-        let revocation_max_lag = self.duration(
+        let revocation_max_lag = self.nonzero_duration(
             "store.revocation_max_lag",
             raw.revocation_max_lag.as_deref(),
             Duration::from_secs(5),
@@ -1143,12 +1218,12 @@ impl Validator<'_> {
             raw.max_lifetime.as_deref(),
             Duration::from_secs(24 * 3600),
         );
-        let jwks_refresh = self.duration(
+        let jwks_refresh = self.nonzero_duration(
             &format!("{at}.jwks_refresh"),
             raw.jwks_refresh.as_deref(),
             Duration::from_secs(300),
         );
-        let jwks_min_refetch = self.duration(
+        let jwks_min_refetch = self.nonzero_duration(
             &format!("{at}.jwks_min_refetch"),
             raw.jwks_min_refetch.as_deref(),
             Duration::from_secs(30),
@@ -1158,9 +1233,6 @@ impl Validator<'_> {
             raw.jwks_max_stale.as_deref(),
             Duration::from_secs(24 * 3600),
         );
-        if jwks_refresh.is_zero() {
-            self.error(format!("{at}.jwks_refresh"), "must be more than 0s");
-        }
         if raw.audiences.is_empty() {
             if raw.permissions_claim.as_deref() == Some("aud") {
                 self.error(
@@ -1191,14 +1263,11 @@ impl Validator<'_> {
     }
 
     fn signature(&mut self, raw: raw::RawSignature) -> SignatureConfig {
-        let max_skew = self.duration(
+        let max_skew = self.nonzero_duration(
             "signature.max_skew",
             raw.max_skew.as_deref(),
             Duration::from_secs(300),
         );
-        if max_skew.is_zero() {
-            self.error("signature.max_skew", "must be more than 0s");
-        }
         let mut keys: Vec<SignatureKey> = Vec::new();
         for (i, k) in raw.keys.into_iter().enumerate() {
             let at = format!("signature.keys[{i}]");
@@ -1428,6 +1497,16 @@ impl Validator<'_> {
             }
             if per < Duration::from_secs(1) {
                 self.error(format!("{at}.rate_limit.per"), "must be at least 1s");
+            } else if u128::try_from(rl.requests).is_ok_and(|n| n > per.as_micros()) {
+                // The limiter spaces requests at least 1 µs apart (`store::ratelimit`): more
+                // would pass fewer than the RateLimit-Policy header promises.
+                self.error(
+                    format!("{at}.rate_limit.requests"),
+                    format!(
+                        "route {:?} allows {} requests per {}: more than one a microsecond, the finest rate the limiter keeps",
+                        raw.name, rl.requests, rl.per
+                    ),
+                );
             }
             let key = match rl.key.as_str() {
                 "subject" => RateLimitKey::Subject,
@@ -1581,6 +1660,171 @@ mod tests {
         match parse(extra, env) {
             Ok(_) => panic!("accepted:\n{extra}"),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn zero_durations_that_would_break_requests_are_refused() {
+        // A zero store timeout fails every store command (with on_error = "allow": no replay
+        // protection at all); zero upstream timeouts fail every request; a zero refetch
+        // interval refetches the JWKS for every unknown kid.
+        let issuer = |key: &str| {
+            format!(
+                "[[jwt.issuers]]\nissuer = \"https://i.test\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\n\
+                 jwks_url = \"https://i.test/jwks\"\n{key} = \"0s\"\n"
+            )
+        };
+        for (key, extra) in [
+            ("store.timeout", "[store]\ntimeout = \"0s\"\n".to_owned()),
+            (
+                "store.revocation_max_lag",
+                "[store]\nrevocation_max_lag = \"0ms\"\n".to_owned(),
+            ),
+            (
+                "upstream.connect_timeout",
+                "connect_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "upstream.request_timeout",
+                "request_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "jwt.issuers[0].jwks_min_refetch",
+                issuer("jwks_min_refetch"),
+            ),
+            ("jwt.issuers[0].jwks_refresh", issuer("jwks_refresh")),
+            (
+                "server.header_read_timeout",
+                "[server]\nheader_read_timeout = \"0s\"\n".to_owned(),
+            ),
+            (
+                "signature.max_skew",
+                "[signature]\nmax_skew = \"0s\"\n".to_owned(),
+            ),
+        ] {
+            assert_eq!(
+                errors(&extra, &[]),
+                [format!("{key}: must be more than 0s")],
+                "{extra}"
+            );
+        }
+        let c = parse(
+            "connect_timeout = \"1ms\"\n[store]\ntimeout = \"1ms\"\nrevocation_max_lag = \"1ms\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(1));
+        assert_eq!(c.store.timeout, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn an_admin_token_no_client_can_send_is_refused() {
+        let token = "0123456789abcdef0123456789abcdef";
+        for (value, why) in [
+            (format!("{token}\n"), "starts or ends with whitespace"),
+            (format!("{token} "), "starts or ends with whitespace"),
+            (format!("\t{token}"), "starts or ends with whitespace"),
+            (format!("{token}\u{7f}x"), "holds a control character"),
+            (format!("{token}\nx"), "holds a control character"),
+        ] {
+            let e = errors("[admin]\ntoken_env = \"T\"\n", &[("T", value.as_str())]);
+            assert_eq!(e.len(), 1, "{value:?}: {e:?}");
+            assert!(
+                e[0].starts_with(&format!("admin.token_env: the admin token {why}")),
+                "{value:?}: {e:?}"
+            );
+            assert!(!e[0].contains(token), "the token is repeated: {e:?}");
+        }
+        // The file's trailing newline is trimmed; a space before it is not.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok"), format!("{token}\n")).unwrap();
+        std::fs::write(dir.path().join("space"), format!("{token} \n")).unwrap();
+        let from_file = |name: &str| {
+            Config::parse(
+                &format!("{UPSTREAM}[admin]\ntoken_file = \"{name}\"\n"),
+                dir.path(),
+                &|_| None,
+            )
+        };
+        let c = from_file("ok").unwrap();
+        assert_eq!(c.admin.token.unwrap().expose(), token.as_bytes());
+        let e = from_file("space").unwrap_err().to_string();
+        assert!(
+            e.starts_with("admin.token_file: the admin token starts or ends with whitespace"),
+            "{e}"
+        );
+        // Too short: the message is about the admin token, not HMAC secrets.
+        assert_eq!(
+            errors("[admin]\ntoken_env = \"T\"\n", &[("T", "short-token")]),
+            ["admin.token_env: the admin token is 11 bytes; it must be at least 32 bytes"]
+        );
+        let c = parse(
+            "[admin]\ntoken_env = \"T\"\n",
+            &[("T", "a token with inner spaces, 32 bytes")],
+        )
+        .unwrap();
+        assert!(c.admin.token.is_some());
+    }
+
+    #[test]
+    fn a_rate_limit_of_more_than_one_request_a_microsecond_is_refused() {
+        let route = |requests: u64, per: &str| {
+            format!(
+                "[[routes]]\nname = \"bulk\"\npath_prefix = \"/\"\n\
+                 rate_limit = {{ requests = {requests}, per = \"{per}\", key = \"ip\" }}\n"
+            )
+        };
+        assert_eq!(
+            errors(&route(1_000_001, "1s"), &[]),
+            ["routes[0].rate_limit.requests: route \"bulk\" allows 1000001 requests per 1s: more than one a microsecond, the finest rate the limiter keeps"]
+        );
+        let e = errors(&route(u64::MAX >> 1, "1h"), &[]);
+        assert!(e[0].starts_with("routes[0].rate_limit.requests: "), "{e:?}");
+        for (requests, per) in [(1_000_000, "1s"), (60_000_000, "1m")] {
+            let c = parse(&route(requests, per), &[]).unwrap();
+            let limit = c.routes[0].rate_limit.as_ref().unwrap();
+            assert_eq!(limit.requests, requests);
+            // What the limiter does with it: one request a microsecond, not fewer.
+            assert_eq!(
+                crate::store::ratelimit::emission_us(limit.requests, limit.per),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn redis_urls_are_parsed_as_the_store_parses_them() {
+        for (url, why) in [
+            ("redis-sentinel://127.0.0.1:26379", "sentinel service name"),
+            ("redis://127.0.0.1:abc/0", "InvalidPort"),
+            ("redis://127.0.0.1:6379/0/1", "Invalid database path"),
+            ("redis-cluster://h1:7000,h2:x", ""),
+        ] {
+            let e = errors(
+                &format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\n"),
+                &[],
+            );
+            assert_eq!(e.len(), 1, "{url}: {e:?}");
+            assert!(
+                e[0].starts_with("store.url: the store url is invalid: ") && e[0].contains(why),
+                "{url}: {e:?}"
+            );
+        }
+        // From the environment, with a password that the error does not repeat.
+        let e = errors(
+            "[store]\nbackend = \"redis\"\nurl_env = \"R\"\n",
+            &[("R", "redis-sentinel://:hunter2@127.0.0.1:26379")],
+        );
+        assert!(e[0].starts_with("store.url: "), "{e:?}");
+        assert!(!e[0].contains("hunter2"), "{e:?}");
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "rediss://cache.example.org:6380/1",
+            "redis-cluster://h1:7000,h2:7001",
+            "redis-sentinel://s1:26379,s2:26379/0?sentinelServiceName=main",
+        ] {
+            let text = format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\n");
+            assert!(parse(&text, &[]).is_ok(), "{url}");
         }
     }
 

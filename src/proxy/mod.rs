@@ -6,7 +6,7 @@ mod client;
 mod forward;
 pub(crate) mod headers;
 pub mod path;
-mod upstream_tls;
+pub(crate) mod upstream_tls;
 
 /// The upstream response reader, for the fuzz target `upstream_response`.
 #[doc(hidden)]

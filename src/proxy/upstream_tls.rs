@@ -8,49 +8,39 @@ use std::sync::Arc;
 use base64::Engine;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::UpstreamConfig;
-use crate::server::tls::{provider, TlsError};
+use crate::server::tls::{load_roots, provider, TlsError};
+
+/// The key of the CA bundle in the configuration.
+const CA: &str = "upstream.ca";
 
 /// The client TLS context for an https upstream.
 pub(crate) fn client_config(upstream: &UpstreamConfig) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    match &upstream.ca {
-        Some(ca) => {
-            let bytes = std::fs::read(ca).map_err(|source| TlsError::Read {
-                path: ca.clone(),
-                source,
-            })?;
-            for cert in CertificateDer::pem_slice_iter(&bytes) {
-                let cert = cert.map_err(|e| TlsError::Pem {
-                    path: ca.clone(),
-                    reason: format!("not a PEM CA bundle ({e})"),
-                })?;
-                roots.add(cert).map_err(|e| TlsError::Pem {
-                    path: ca.clone(),
-                    reason: format!("a CA certificate is unusable ({e})"),
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError::Pem {
-                    path: ca.clone(),
-                    reason: "holds no CA certificate".into(),
-                });
-            }
+    let roots = match &upstream.ca {
+        Some(ca) => load_roots(CA, ca)?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            roots
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+    };
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| TlsError::Rustls(format!("upstream verifier: {e}")))?;
+        .map_err(|e| TlsError::Rustls {
+            setting: CA,
+            reason: format!("upstream verifier: {e}"),
+        })?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .map_err(|e| TlsError::Rustls {
+            setting: "upstream",
+            reason: e.to_string(),
+        })?;
     let config = if upstream.pins.is_empty() {
         builder.with_webpki_verifier(webpki).with_no_client_auth()
     } else {
@@ -63,6 +53,12 @@ pub(crate) fn client_config(upstream: &UpstreamConfig) -> Result<ClientConfig, T
             .with_no_client_auth()
     };
     Ok(config)
+}
+
+/// Builds the context exactly as the proxy does and throws it away: for the configuration
+/// check, so that a CA bundle the proxy would refuse at start is a configuration error.
+pub(crate) fn check(upstream: &UpstreamConfig) -> Result<(), TlsError> {
+    client_config(upstream).map(drop)
 }
 
 /// The web PKI checks, then the pin check on the leaf's SPKI.

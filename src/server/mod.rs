@@ -47,9 +47,12 @@ pub enum RunError {
         /// The operating system's reason.
         source: std::io::Error,
     },
-    /// The TLS certificate set cannot be loaded.
-    #[error("cannot load the TLS certificates: {0}")]
-    Tls(#[from] TlsError),
+    /// The serving certificate set (`[server.tls]`) cannot be loaded.
+    #[error("cannot load the serving TLS certificates: {0}")]
+    Tls(TlsError),
+    /// The roots that verify the upstream (`upstream.ca`) cannot be loaded.
+    #[error("cannot load the upstream's TLS roots: {0}")]
+    UpstreamTls(TlsError),
     /// The store named in `[store]` cannot be used (a bad URL; a store that is merely down
     /// does not stop the start).
     #[error("cannot use the store: {0}")]
@@ -83,18 +86,18 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         tls::install_default_provider();
         let tls = match &config.server.tls {
-            Some(settings) => Some(TlsState::load(settings, metrics.clone())?),
+            Some(settings) => {
+                Some(TlsState::load(settings, metrics.clone()).map_err(RunError::Tls)?)
+            }
             None => None,
         };
         let stores = store::connect_all(&config.store).await?;
         let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
         let jwt = JwtVerifier::new(&config.jwt, keys.clone());
-        let proxy = Arc::new(Proxy::new(
-            config.clone(),
-            jwt,
-            stores.clone(),
-            metrics.clone(),
-        )?);
+        let proxy = Arc::new(
+            Proxy::new(config.clone(), jwt, stores.clone(), metrics.clone())
+                .map_err(RunError::UpstreamTls)?,
+        );
         let admin = Arc::new(Admin::new(
             keys.clone(),
             stores,

@@ -33,6 +33,8 @@ pub enum TlsError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The configuration key that names the file (`server.tls.cert`, `upstream.ca`...).
+        setting: &'static str,
         /// The file.
         path: PathBuf,
         /// The operating system's reason.
@@ -41,14 +43,33 @@ pub enum TlsError {
     /// A PEM file holds nothing usable.
     #[error("{path}: {reason}")]
     Pem {
+        /// The configuration key that names the file.
+        setting: &'static str,
         /// The file.
         path: PathBuf,
         /// What is wrong.
         reason: String,
     },
     /// rustls refused the set (key does not match the certificate, unsupported key, bad CA).
-    #[error("{0}")]
-    Rustls(String),
+    #[error("{reason}")]
+    Rustls {
+        /// The configuration key (or table, for a key that does not match its certificate)
+        /// the problem is about.
+        setting: &'static str,
+        /// What rustls said.
+        reason: String,
+    },
+}
+
+impl TlsError {
+    /// The configuration key the problem is about, for a configuration error.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            TlsError::Read { setting, .. }
+            | TlsError::Pem { setting, .. }
+            | TlsError::Rustls { setting, .. } => setting,
+        }
+    }
 }
 
 /// Makes aws-lc-rs the process-wide rustls provider, so that no TLS context built by a
@@ -70,12 +91,48 @@ struct Material {
     not_after: i64,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+/// Reads the file that `setting` names.
+fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
+        setting,
         path: path.to_owned(),
         source,
     })
 }
+
+/// The CA certificates of a PEM bundle file, as roots to verify peers against; `setting` names
+/// the file (`server.tls.client_ca` or `upstream.ca`).
+pub(crate) fn load_roots(setting: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    roots_from_pem(setting, path, &read(setting, path)?)
+}
+
+/// The CA certificates of the PEM bundle `pem`, read from `path`.
+fn roots_from_pem(
+    setting: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<RootCertStore, TlsError> {
+    let pem_error = |reason: String| TlsError::Pem {
+        setting,
+        path: path.to_owned(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| pem_error(format!("not a PEM CA bundle ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| pem_error(format!("a CA certificate is unusable ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(pem_error("holds no CA certificate".into()));
+    }
+    Ok(roots)
+}
+
+const CERT: &str = "server.tls.cert";
+const KEY: &str = "server.tls.key";
+const CLIENT_CA: &str = "server.tls.client_ca";
 
 /// The bytes of a set's files, each read once: what is fingerprinted is exactly what is loaded,
 /// so a set is never taken for seen when its load read other bytes, or failed to read them.
@@ -88,9 +145,13 @@ struct Files {
 impl Files {
     fn read(tls: &TlsConfig) -> Result<Files, TlsError> {
         Ok(Files {
-            cert: read(&tls.cert)?,
-            key: read(&tls.key)?,
-            client_ca: tls.client_ca.as_deref().map(read).transpose()?,
+            cert: read(CERT, &tls.cert)?,
+            key: read(KEY, &tls.key)?,
+            client_ca: tls
+                .client_ca
+                .as_deref()
+                .map(|ca| read(CLIENT_CA, ca))
+                .transpose()?,
         })
     }
 
@@ -110,21 +171,33 @@ impl Files {
 
 /// Parses and checks the set in `files` (read from the paths in `tls`, which errors name).
 fn load(tls: &TlsConfig, files: &Files) -> Result<Material, TlsError> {
-    let pem_error = |path: &Path, reason: String| TlsError::Pem {
+    let pem_error = |setting: &'static str, path: &Path, reason: String| TlsError::Pem {
+        setting,
         path: path.to_owned(),
         reason,
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&files.cert)
         .collect::<Result<_, _>>()
-        .map_err(|e| pem_error(&tls.cert, format!("not a PEM certificate chain ({e})")))?;
+        .map_err(|e| {
+            pem_error(
+                CERT,
+                &tls.cert,
+                format!("not a PEM certificate chain ({e})"),
+            )
+        })?;
     let Some(leaf) = chain.first() else {
-        return Err(pem_error(&tls.cert, "holds no certificate".into()));
+        return Err(pem_error(CERT, &tls.cert, "holds no certificate".into()));
     };
-    let (_, parsed) = X509Certificate::from_der(leaf)
-        .map_err(|e| pem_error(&tls.cert, format!("the certificate does not parse ({e})")))?;
+    let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| {
+        pem_error(
+            CERT,
+            &tls.cert,
+            format!("the certificate does not parse ({e})"),
+        )
+    })?;
     let not_after = parsed.validity().not_after.timestamp();
     let key = PrivateKeyDer::from_pem_slice(&files.key)
-        .map_err(|e| pem_error(&tls.key, format!("not a PEM private key ({e})")))?;
+        .map_err(|e| pem_error(KEY, &tls.key, format!("not a PEM private key ({e})")))?;
 
     let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
@@ -132,43 +205,61 @@ fn load(tls: &TlsConfig, files: &Files) -> Result<Material, TlsError> {
     };
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .map_err(|e| TlsError::Rustls {
+            setting: "server.tls.min_version",
+            reason: e.to_string(),
+        })?;
     let builder = match &tls.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             // `Files::read` reads the CA file whenever one is configured; were it missing, the
             // set is refused rather than served without client authentication.
             let Some(ca_pem) = &files.client_ca else {
-                return Err(pem_error(ca, "was not read".into()));
+                return Err(pem_error(CLIENT_CA, ca, "was not read".into()));
             };
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(ca_pem) {
-                let cert = cert.map_err(|e| pem_error(ca, format!("not a PEM CA bundle ({e})")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| pem_error(ca, format!("a CA certificate is unusable ({e})")))?;
-            }
-            if roots.is_empty() {
-                return Err(pem_error(ca, "holds no CA certificate".into()));
-            }
+            let roots = roots_from_pem(CLIENT_CA, ca, ca_pem)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
             let verifier = match tls.client_cert {
                 ClientCertMode::Optional => verifier.allow_unauthenticated(),
                 ClientCertMode::Required => verifier,
             }
             .build()
-            .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))?;
+            .map_err(|e| TlsError::Rustls {
+                setting: CLIENT_CA,
+                reason: format!("{}: client verifier: {e}", ca.display()),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Rustls(format!("{}: {e}", tls.key.display())))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Rustls {
+            setting: "server.tls",
+            reason: format!(
+                "the private key in {} does not match the certificate in {}",
+                tls.key.display(),
+                tls.cert.display()
+            ),
+        },
+        rustls::Error::InvalidCertificate(e) => TlsError::Rustls {
+            setting: CERT,
+            reason: format!("{}: the certificate is unusable ({e})", tls.cert.display()),
+        },
+        other => TlsError::Rustls {
+            setting: KEY,
+            reason: format!("{}: {other}", tls.key.display()),
+        },
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Material {
         config: Arc::new(config),
         not_after,
     })
+}
+
+/// Reads and loads the set exactly as [`TlsState::load`] does and throws it away: for the
+/// configuration check, so that a set the proxy would refuse at start is a configuration error.
+pub(crate) fn check(tls: &TlsConfig) -> Result<(), TlsError> {
+    load(tls, &Files::read(tls)?).map(drop)
 }
 
 /// The TLS context new handshakes use, swapped whole on reload.
@@ -418,6 +509,7 @@ mod tests {
 
         fn read_failure(&self) -> Result<Files, TlsError> {
             Err(TlsError::Read {
+                setting: KEY,
                 path: self.settings.key.clone(),
                 source: std::io::Error::from_raw_os_error(24), // EMFILE
             })

@@ -362,21 +362,36 @@ fn command_options(timeout: Duration) -> Options {
     }
 }
 
-/// A fred builder with the settings of the module doc, and the redacted target for logs.
-fn builder(url: &str, timeout: Duration) -> Result<(Builder, String), StoreError> {
-    // fred builds its rustls context from the process default provider.
+/// Parses `url` as [`RedisConnection::connect`] does, without connecting: for the
+/// configuration check, so that a url the proxy would refuse at start is a configuration error.
+pub(crate) fn check_url(url: &str) -> Result<(), StoreError> {
+    fred_config(url).map(drop)
+}
+
+/// fred's client configuration for `url`.
+fn fred_config(url: &str) -> Result<Config, StoreError> {
+    // fred builds its rustls context (rediss://) from the process default provider.
     crate::server::tls::install_default_provider();
-    let target = redacted(url);
     // fred reads any unknown scheme as plain redis://; the config layer only lets these
     // through, and a StoreConfig built by hand gets the same answer.
     if !SCHEMES.iter().any(|s| url.starts_with(s)) {
         return Err(StoreError::InvalidUrl {
-            reason: format!("{target} does not start with {}", SCHEMES.join(", ")),
+            reason: format!(
+                "{} does not start with {}",
+                redacted(url),
+                SCHEMES.join(", ")
+            ),
         });
     }
-    let mut config = Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
+    Config::from_url(&fred_url(url)).map_err(|e| StoreError::InvalidUrl {
         reason: e.details().to_owned(),
-    })?;
+    })
+}
+
+/// A fred builder with the settings of the module doc, and the redacted target for logs.
+fn builder(url: &str, timeout: Duration) -> Result<(Builder, String), StoreError> {
+    let target = redacted(url);
+    let mut config = fred_config(url)?;
     // false: a failed first connection goes through the reconnect policy instead of
     // ending the client.
     config.fail_fast = false;
