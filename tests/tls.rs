@@ -110,6 +110,28 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// Waits until handshakes at `addr` show `cert`, for at most 5 s; `what` names it in the
+/// failure.
+async fn served_within_5s(
+    client: &TlsClient,
+    addr: std::net::SocketAddr,
+    cert: &Issued,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = client.get(addr, "/public", &[]).await.unwrap();
+        if now.server_cert_sha256 == cert.sha256_hex() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {what} certificate was not served within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_public_route_is_served_and_marked_https() {
     let pki = pki();
@@ -638,18 +660,7 @@ async fn a_key_file_unreadable_for_a_while_is_read_again_until_the_new_set_loads
 
     // Once the key is readable again, the next look loads the set.
     swap_in(dir, "tls.key", &renewed.key_pem);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
-        if now.server_cert_sha256 == renewed.sha256_hex() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the renewed certificate was not served within 5s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    served_within_5s(&client, proxy.addr, &renewed, "renewed").await;
     assert_eq!(tls_reloads(&proxy, "ok").await, 1);
     assert_eq!(tls_reloads(&proxy, "error").await, 1);
     proxy.stop().await;
@@ -813,17 +824,6 @@ async fn a_kubernetes_style_symlink_swap_is_picked_up() {
     symlink("..2026_11_24_b", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = client.get(proxy.addr, "/public", &[]).await.unwrap();
-        if now.server_cert_sha256 == renewed.sha256_hex() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the swapped certificate was not served within 5s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    served_within_5s(&client, proxy.addr, &renewed, "swapped").await;
     proxy.stop().await;
 }

@@ -63,6 +63,17 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// The byte that the escape `%XX` at `bytes[at]` stands for.
+fn escaped_byte(bytes: &[u8], at: usize) -> Result<u8, InvalidPath> {
+    match (
+        bytes.get(at + 1).copied().and_then(hex_value),
+        bytes.get(at + 2).copied().and_then(hex_value),
+    ) {
+        (Some(hi), Some(lo)) => Ok(hi << 4 | lo),
+        _ => Err(InvalidPath::BrokenEscape),
+    }
+}
+
 /// Returns the normalised form of `path` (the path part of a request target, without the query).
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     let bytes = path.as_bytes();
@@ -83,14 +94,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
             b'\\' => return Err(InvalidPath::Backslash),
             0 => return Err(InvalidPath::Nul),
             b'%' => {
-                let (Some(hi), Some(lo)) = (
-                    bytes.get(i + 1).copied().and_then(hex_value),
-                    bytes.get(i + 2).copied().and_then(hex_value),
-                ) else {
-                    return Err(InvalidPath::BrokenEscape);
-                };
-                let value = hi << 4 | lo;
-                match value {
+                match escaped_byte(bytes, i)? {
                     b'/' | b'\\' => return Err(InvalidPath::EncodedSeparator),
                     0 => return Err(InvalidPath::Nul),
                     v if is_unreserved(v) => decoded.push(char::from(v)),
@@ -159,13 +163,7 @@ pub fn decoded(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
             i += 1;
             continue;
         }
-        let (Some(hi), Some(lo)) = (
-            bytes.get(i + 1).copied().and_then(hex_value),
-            bytes.get(i + 2).copied().and_then(hex_value),
-        ) else {
-            return Err(InvalidPath::BrokenEscape);
-        };
-        match hi << 4 | lo {
+        match escaped_byte(bytes, i)? {
             b'/' | b'\\' => return Err(InvalidPath::EncodedSeparator),
             0 => return Err(InvalidPath::Nul),
             v => out.push(v),
