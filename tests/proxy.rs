@@ -540,6 +540,72 @@ async fn bodies_over_the_limit_get_413() {
     proxy.stop().await;
 }
 
+/// A request body in pieces with no length known ahead (HTTP/2 DATA frames without a
+/// content-length).
+struct Pieces(std::collections::VecDeque<bytes::Bytes>);
+
+impl http_body::Body for Pieces {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// hyper's client sends no body for a GET of unknown length unless the request says chunked:
+/// a chunked GET and an HTTP/2 GET whose DATA comes without a content-length reach the
+/// upstream with their bodies, as nginx and Envoy pass them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_body_of_unknown_length_reaches_the_upstream() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+
+    let response = raw(
+        proxy.addr,
+        "GET /public/chunked HTTP/1.1\nTransfer-Encoding: chunked",
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last();
+    assert_eq!(
+        (seen.method.as_str(), seen.target.as_str()),
+        ("GET", "/public/chunked")
+    );
+    assert_eq!(&seen.body[..], b"hello world");
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let pieces = ["from ", "an h2 ", "client"].map(|s| bytes::Bytes::from_static(s.as_bytes()));
+    let request = http::Request::get(proxy.url("/public/h2"))
+        .body(Pieces(pieces.into_iter().collect()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/public/h2");
+    assert_eq!(&seen.body[..], b"from an h2 client");
+    assert_eq!(seen.header("content-length"), None);
+
+    // A GET without a body still goes without one.
+    let response = get(&proxy.url("/public/none"), &[]).await;
+    assert_eq!(response.status, 200);
+    let seen = upstream.last();
+    assert!(seen.body.is_empty());
+    assert_eq!(seen.header("transfer-encoding"), None);
+    proxy.stop().await;
+}
+
 /// Bytes that show where a piece went missing or came twice: a run of letters per position.
 fn patterned(len: usize, seed: usize) -> Vec<u8> {
     (0..len)

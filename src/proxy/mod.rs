@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{Entry, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{Entry, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -297,8 +297,14 @@ impl Proxy {
         // Boxed when there is something to check: the checks' future is large, and a public
         // route should not move it around.
         let identity = if route.require.any() {
-            Box::pin(self.check(route, &parts, body_sha256.as_deref(), request_id_text, conn))
-                .await?
+            Box::pin(self.check(
+                route,
+                &parts,
+                body_sha256.as_ref().map(BodyDigest::as_str),
+                request_id_text,
+                conn,
+            ))
+            .await?
         } else {
             Identity::default()
         };
@@ -377,6 +383,17 @@ impl Proxy {
             headers::X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
+        // A body of unknown length (a chunked request, HTTP/2 DATA without a content-length)
+        // goes upstream chunked. hyper's client picks chunked for it by itself except on GET,
+        // HEAD and CONNECT, where it sends no body at all unless the request says chunked (the
+        // client's own Transfer-Encoding went with the hop-by-hop headers).
+        if let Either::Left(streaming) = &body {
+            if streaming.size_hint().exact().is_none() {
+                parts
+                    .headers
+                    .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+        }
 
         let upstream_request = Request::from_parts(parts, body);
         let response = self
@@ -889,8 +906,31 @@ fn signature_header(headers: &http::HeaderMap) -> Result<&str, AuthError> {
     }
 }
 
+/// The lower-case hex SHA-256 of a request body, kept inline (no allocation, no per-character
+/// collect).
+struct BodyDigest([u8; 64]);
+
+impl BodyDigest {
+    /// The digest of the empty body, which every signed GET carries: no hashing needed.
+    const EMPTY: BodyDigest =
+        BodyDigest(*b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    fn of(hasher: Sha256) -> Self {
+        let mut hex = [0u8; 64];
+        // 32 bytes of SHA-256 fill the 64 places exactly, so this cannot fail; were it to, the
+        // zeros left would match no signature (a refusal, never a pass).
+        let _ = hex::encode_to_slice(hasher.finalize(), &mut hex);
+        BodyDigest(hex)
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 /// Reads the whole body, hashing it as it arrives, refusing it past `limit`.
-async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Rejection> {
+async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, BodyDigest), Rejection> {
     let mut hasher = Sha256::new();
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -906,7 +946,10 @@ async fn read_body(mut body: Incoming, limit: u64) -> Result<(Bytes, String), Re
             buf.extend_from_slice(data);
         }
     }
-    Ok((buf.freeze(), hex::encode(hasher.finalize())))
+    if buf.is_empty() {
+        return Ok((Bytes::new(), BodyDigest::EMPTY));
+    }
+    Ok((buf.freeze(), BodyDigest::of(hasher)))
 }
 
 /// What the log line and metrics of a request say.
@@ -1041,4 +1084,25 @@ fn add_identity(headers: &mut http::HeaderMap, identity: &Identity) -> Result<()
         headers::set(headers, headers::X_AUTH_KEY_ID, &signature.key_id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_digests_are_the_lower_case_hex_sha256_of_the_body() {
+        assert_eq!(
+            BodyDigest::EMPTY.as_str(),
+            hex::encode(Sha256::digest(b"")),
+            "the empty body's digest"
+        );
+        let mut hasher = Sha256::new();
+        hasher.update(b"{\"amount\":");
+        hasher.update(b"12}");
+        assert_eq!(
+            BodyDigest::of(hasher).as_str(),
+            hex::encode(Sha256::digest(b"{\"amount\":12}"))
+        );
+    }
 }
