@@ -9,9 +9,9 @@
 # Environment (defaults in brackets):
 #   PORTCULLIS [target-release/release/portcullis of this worktree]   the proxy's release binary
 #   LOADGEN [bench/loadgen/target/release/loadgen] (built when missing)
-#   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i j"]
+#   DURATION [10s] ROUNDS [3] CONNS [64] TOKENS [200000] TARGETS ["a b c d e f g h i j k"]
 #   RATE [5000] RATE_ROUNDS [ROUNDS]   fixed-rate p99 measurement (direct vs (i), with HAProxy plain and
-#                jwt_verify, (f) and (h) in the same rounds); RATE=0 skips it
+#                jwt_verify, (f), (h) and (k) in the same rounds); RATE=0 skips it
 #   BUSY [1]     the fixed-rate rounds once more with busy polling: HAProxy jwt_verify with
 #                `busy-polling` and (i) with `busy_poll = true`, each alone on the proxies' core
 #   MEM [1]      RSS with 1,000 idle keep-alive connections and a full verified cache
@@ -35,7 +35,7 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 TOKENS=${TOKENS:-200000}
-TARGETS=${TARGETS:-"a b c d e f g h i j"}
+TARGETS=${TARGETS:-"a b c d e f g h i j k"}
 RATE=${RATE:-5000}
 RATE_ROUNDS=${RATE_ROUNDS:-$ROUNDS}
 BUSY=${BUSY:-1}
@@ -236,7 +236,8 @@ start_portcullis f 1 0 memory       # (f) JWT, cache off
 start_portcullis g 2 10000 memory   # (g) JWT, cache on, repeated tokens
 start_portcullis h 3 0 memory       # (h) JWT + signature, memory nonces
 start_portcullis i 4 0 redis        # (i) JWT + signature, Redis nonces
-for p in $UP_PORT $NGINX_PORT $HA_PLAIN_PORT $HA_JWT_PORT ${PC_PORT[e]} ${PC_PORT[f]} ${PC_PORT[g]} ${PC_PORT[h]} ${PC_PORT[i]}; do
+start_portcullis k 7 10000 redis    # (k) the same as deployed: the verified cache on, a token per client
+for p in $UP_PORT $NGINX_PORT $HA_PLAIN_PORT $HA_JWT_PORT ${PC_PORT[e]} ${PC_PORT[f]} ${PC_PORT[g]} ${PC_PORT[h]} ${PC_PORT[i]} ${PC_PORT[k]}; do
   wait_port "$p"
 done
 wait_ready() { # name: /readyz 200 within 20 s (the Redis revocation mirror syncs first)
@@ -247,7 +248,7 @@ wait_ready() { # name: /readyz 200 within 20 s (the Redis revocation mirror sync
   done
   echo "portcullis ($1) not ready" >&2; cat "portcullis-$1.log" >&2; exit 1
 }
-for n in e f g h i; do wait_ready "$n"; done
+for n in e f g h i k; do wait_ready "$n"; done
 
 # ---- targets ---------------------------------------------------------------------------------
 declare -A NAME URL ARGS PID FORWARDED
@@ -262,6 +263,10 @@ NAME[g]="portcullis JWT RS256, cache on, 100 repeated tokens";    URL[g]=http://
 SIGN="--sign-key-id bench-1 --sign-secret-env COMPARE_SIG_SECRET"
 NAME[h]="portcullis JWT (unique, cache 0) + signature, memory nonces"; URL[h]=http://127.0.0.1:${PC_PORT[h]}/api/jwtsig; ARGS[h]="--tokens $DIR/tokens.txt $SIGN"; PID[h]=${PC_PID[h]}
 NAME[i]="portcullis JWT (unique, cache 0) + signature, Redis nonces";  URL[i]=http://127.0.0.1:${PC_PORT[i]}/api/jwtsig; ARGS[i]="--tokens $DIR/tokens.txt $SIGN"; PID[i]=${PC_PID[i]}
+# (k) is (i) as a deployment runs it: the default verified cache (10,000 tokens) and 10,000 API
+# clients, each reusing its token for the token's lifetime (DESIGN.md's seeds: 10,000 clients,
+# 15-minute tokens), so the RSA check runs once a token, not once a request.
+NAME[k]="portcullis JWT (cache on, 10,000 client tokens) + signature, Redis nonces"; URL[k]=http://127.0.0.1:${PC_PORT[k]}/api/jwtsig; ARGS[k]="--tokens $DIR/tokens-10k.txt $SIGN"; PID[k]=${PC_PID[k]}
 
 # ---- correctness before speed ----------------------------------------------------------------
 check() { # label expected-codes url [curl args...]
@@ -281,7 +286,7 @@ for t in d f g; do
   check "($t) signed by another key" "401 403" "${URL[$t]}" -H "Authorization: Bearer $OTHER_KEY"
   check "($t) no token" "401 403" "${URL[$t]}"
 done
-for t in h i; do
+for t in h i k; do
   check "($t) token, no signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $GOOD"
   check "($t) token, wrong signature" "401 403" "${URL[$t]}" -H "Authorization: Bearer $GOOD" \
     -H 'X-Signature: Signature v1, keyId="bench-1", ts="'"$now"'", nonce="abcdefghijklmnopqrst", signature="'"$(printf '0%.0s' $(seq 64))"'"'
@@ -301,7 +306,7 @@ for t in e j; do
 done
 {
   echo "curl checks passed at $(date -u +%FT%TZ): (d) (f) (g): loadgen token 200, openssl-made token 200;"
-  echo "expired, wrong iss, wrong aud, altered signature, signed by another RSA key, no token: 401/403. (h) (i): token without or with a wrong signature: 401/403."
+  echo "expired, wrong iss, wrong aud, altered signature, signed by another RSA key, no token: 401/403. (h) (i) (k): token without or with a wrong signature: 401/403."
   echo "(e) and (j) return x-request-id; the upstream saw from (e): ${FORWARDED[e]}; from (j): ${FORWARDED[j]}"
 } > "$RAW/checks.txt"
 
@@ -328,7 +333,7 @@ for t in $TARGETS; do lg "$t" -c "$CONNS" -d 2s > "$DIR/warm-$t.json"; done
 # (f); (j), the same-headers HAProxy, next to (c)), and every second round runs in the reverse order (ABBA): a machine that speeds up or
 # slows down during the run then favours neither side of a ratio.
 ORDER=""
-for t in a b j c e d f g h i; do case " $TARGETS " in *" $t "*) ORDER="$ORDER $t" ;; esac; done
+for t in a b j c e d f g h i k; do case " $TARGETS " in *" $t "*) ORDER="$ORDER $t" ;; esac; done
 REVERSED=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' ')
 
 TSV=$RAW/runs.tsv; : > "$TSV"
@@ -377,13 +382,13 @@ if [ "$RATE" != 0 ]; then
   NONCES_LEFT=$(redis-cli -p "$REDIS_PORT" --scan --pattern 'portcullis:nonce:*' | wc -l)
   [ "$NONCES_LEFT" = 0 ] || { echo "$NONCES_LEFT nonces left in Redis after removing them" >&2; exit 1; }
   REDIS_NOTE="; removed before the fixed-rate rounds, which start from a Redis without them"
-  log "fixed rate $RATE/s: direct upstream, HAProxy plain, HAProxy jwt_verify, (f), (h) and (i), $RATE_ROUNDS rounds"
+  log "fixed rate $RATE/s: direct upstream, HAProxy plain, HAProxy jwt_verify, (f), (h), (i) and (k), $RATE_ROUNDS rounds"
   RATE_MD="| round | load before | direct p50 / p99 / p99.9 ms | (c) HAProxy plain p50 / p99 / p99.9 | (d) HAProxy jwt_verify p50 / p99 / p99.9 | (i) portcullis p50 / p99 / p99.9 | p99 added: (c) / (d) / **(i)** ms | due not sent (direct / c / d / i) | non-2xx (direct / c / d / i) | steal CPU 0 / CPU 1 (direct; c; d; i) |"$'\n'"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-  RATE_SPLIT_MD="| round | (f) JWT only: p99 added; in the proxy over 1 ms / 5 ms | (h) JWT + signature, memory nonces | (i) JWT + signature, Redis nonces |"$'\n'"| --- | --- | --- | --- |"
+  RATE_SPLIT_MD="| round | (f) JWT only: p99 added; in the proxy over 1 ms / 5 ms | (h) JWT + signature, memory nonces | (i) JWT + signature, Redis nonces | (k) the same, verified cache on, 10,000 client tokens |"$'\n'"| --- | --- | --- | --- | --- |"
   added=(); added_c=(); added_d=()
   for r in $(seq "$RATE_ROUNDS"); do
     load=$(loadavg)
-    for t in a c d f h i; do
+    for t in a c d f h i k; do
       st_before=$(cpustat)
       [ -n "${PC_ADMIN[$t]:-}" ] && slow_counts "$t" > "$RAW/rate-r$r-$t.hist0"
       lg "$t" -c "$CONNS" -d "$DURATION" -R "$RATE" > "$RAW/rate-r$r-$t.json"
@@ -395,7 +400,7 @@ import json, sys
 prefix = sys.argv[1]
 base = json.load(open(f"{prefix}-a.json"))["latency_ms"]["p99"]
 cells = []
-for t in "fhi":
+for t in "fhik":
     p99 = json.load(open(f"{prefix}-{t}.json"))["latency_ms"]["p99"]
     before, after = ([float(x) for x in open(f"{prefix}-{t}.hist{k}").read().split()] for k in "01")
     count = after[0] - before[0]
@@ -559,12 +564,13 @@ RSA_AFTER=$(rsa_verify_rate)
   echo
   echo "$TABLE"
   echo
-  echo "Keys in the benchmark's Redis after the rounds (nonces of (i), TTL 2 x max_skew): $REDIS_KEYS${REDIS_NOTE:-}."
+  echo "Keys in the benchmark's Redis after the rounds (nonces of (i) and (k), TTL 2 x max_skew): $REDIS_KEYS${REDIS_NOTE:-}."
   echo
   if [ -n "$RATE_MD" ]; then
     echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo
     echo "Where (i)'s tail comes from, in the same rounds: the p99 added over the direct upstream by the JWT check alone (f), with the"
-    echo "signature and memory nonces (h), and with Redis nonces (i); and how many requests the proxy itself took over 1 ms and over 5 ms"
+    echo "signature and memory nonces (h), with Redis nonces (i), and (i) as deployed with the verified cache on and a token per client (k);"
+    echo "and how many requests the proxy itself took over 1 ms and over 5 ms"
     echo 'from request head to response head (its `portcullis_request_duration_seconds` histogram, read from /metrics before and after).'
     echo "Requests slow in the client's figures but not in the proxy's waited outside it (in the sockets, or for a core)."
     echo; echo "$RATE_SPLIT_MD"; echo
