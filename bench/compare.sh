@@ -355,6 +355,22 @@ for r in $(seq "$ROUNDS"); do
 done
 
 REDIS_KEYS=$(redis-cli -p "$REDIS_PORT" dbsize 2>/dev/null || echo '?')
+
+cache_lookups() { # portcullis target -> "hits misses" of its verified-token cache so far
+  curl -fsS "http://127.0.0.1:${PC_ADMIN[$1]}/metrics" | awk '
+    /^portcullis_jwt_verified_cache_lookups_total\{result="hit"\} / { h = $2 }
+    /^portcullis_jwt_verified_cache_lookups_total\{result="miss"\} / { m = $2 }
+    END { print h + 0, m + 0 }'
+}
+# The cache's hit rate of (g) and (k) over the throughput rounds, their warm-up and checks
+# included (a binary without the metric reads 0 0).
+CACHE_NOTE=""
+for t in g k; do
+  [ -n "${PC_ADMIN[$t]:-}" ] || continue
+  read -r hits misses < <(cache_lookups "$t" || true)
+  CACHE_NOTE+=" ($t) ${hits:-0} hits, ${misses:-0} misses, $(awk -v h="${hits:-0}" -v m="${misses:-0}" \
+    'BEGIN { if (h + m > 0) printf "%.1f%% hits", 100 * h / (h + m); else printf "no lookups counted" }');"
+done
 names=(); for t in $TARGETS; do names+=("$t=${NAME[$t]}"); done
 TABLE=$(python3 "$TPL/report.py" "$TSV" "${names[@]}")
 
@@ -565,6 +581,7 @@ RSA_AFTER=$(rsa_verify_rate)
   echo "$TABLE"
   echo
   echo "Keys in the benchmark's Redis after the rounds (nonces of (i) and (k), TTL 2 x max_skew): $REDIS_KEYS${REDIS_NOTE:-}."
+  [ -z "$CACHE_NOTE" ] || { echo; echo "Verified-token cache lookups over the throughput rounds (warm-up and checks included; \`portcullis_jwt_verified_cache_lookups_total\` from /metrics):$CACHE_NOTE"; }
   echo
   if [ -n "$RATE_MD" ]; then
     echo "## p99 added at $RATE req/s (JWT + signature + Redis nonces)"; echo; echo "$RATE_MD"; echo

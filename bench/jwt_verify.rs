@@ -57,7 +57,7 @@ secrets = [{{ kid = "{}", env = "BENCH_HS256" }}]
         .expect("runtime");
     let verifier = runtime.block_on(async {
         let store = KeyStore::load(&config.jwt, Arc::new(Metrics::new())).await;
-        JwtVerifier::new(&config.jwt, store)
+        JwtVerifier::new(&config.jwt, store, &Metrics::new())
     });
 
     let now = 1_800_000_000;

@@ -84,6 +84,15 @@ pub(crate) struct RouteCounters {
     by_status: OnceLock<Box<[OnceLock<Counter>]>>,
 }
 
+/// The verified-token cache's lookup counters, from [`Metrics::verified_cache_counters`].
+#[derive(Debug, Clone)]
+pub struct CacheCounters {
+    /// A token found in the cache and still usable: its signature was not checked again.
+    pub hit: Counter,
+    /// A token not in the cache, or whose entry could no longer be used.
+    pub miss: Counter,
+}
+
 /// The proxy's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -96,6 +105,7 @@ pub struct Metrics {
     signatures: Family<ResultLabels, Counter>,
     store_errors: Family<OperationLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
+    verified_cache: Family<ResultLabels, Counter>,
     certificate_not_after: Gauge,
     certificate_expiry: Gauge,
 }
@@ -154,6 +164,8 @@ impl Metrics {
             "Certificate reloads by result (ok, or error: the old set kept serving)",
             tls_reloads.clone(),
         );
+        // Registered by `verified_cache_counters` when the verified-token cache is on.
+        let verified_cache = Family::<ResultLabels, Counter>::default();
         // Registered by `register_certificate_metrics` when TLS is on: a plain-HTTP proxy has
         // no certificate, and a 0 would read as "expired".
         let certificate_not_after = Gauge::default();
@@ -162,6 +174,7 @@ impl Metrics {
             signatures,
             store_errors,
             tls_reloads,
+            verified_cache,
             certificate_not_after,
             certificate_expiry,
             registry: Mutex::new(registry),
@@ -266,6 +279,33 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+    }
+
+    /// Registers the verified-token cache's lookup counter (`jwt.verified_cache` is above 0)
+    /// and returns its two series, which the verifier adds to with one atomic add a lookup.
+    /// Called once, by the verifier that owns the cache.
+    pub fn verified_cache_counters(&self) -> CacheCounters {
+        let mut registry = match self.registry.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        registry.register(
+            "jwt_verified_cache_lookups",
+            "Verified-token cache lookups by result (hit: no signature check; miss: the token \
+             was verified in full)",
+            self.verified_cache.clone(),
+        );
+        let series = |result: &str| {
+            self.verified_cache
+                .get_or_create(&ResultLabels {
+                    result: result.to_owned(),
+                })
+                .clone()
+        };
+        CacheCounters {
+            hit: series("hit"),
+            miss: series("miss"),
+        }
     }
 
     /// Registers the serving-certificate gauges (TLS is on).

@@ -730,6 +730,38 @@ async fn jwks_down_after_start_keeps_serving_the_last_good_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_cache_lookups_are_counted_in_the_metrics() {
+    // The default configuration: the verified-token cache is on.
+    let s = setup().await;
+    let reused = s.rs256.sign(&claims(ISSUER));
+    let other = s.es256.sign(&claims(ISSUER));
+    for token in [&reused, &reused, &reused, &other] {
+        assert_eq!(s.call(token).await.status, 200);
+    }
+    // A token that fails its signature is looked up, missed, and never cached.
+    let mut forged = reused.clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    s.refused(&forged, "invalid_token_signature").await;
+    s.refused(&forged, "invalid_token_signature").await;
+
+    let metrics = get(&s.proxy.admin_url("/metrics"), &[]).await.body;
+    let value = |result: &str| {
+        let series = format!("portcullis_jwt_verified_cache_lookups_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map(|v| v.to_string())
+    };
+    assert_eq!(
+        (value("hit").as_deref(), value("miss").as_deref()),
+        (Some("2"), Some("4")),
+        "{metrics}"
+    );
+    s.proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_down_at_start_is_503_keys_unavailable_never_a_pass() {
     let rs256 = TestKey::rs256();
     let jwks_server = JwksServer::start(jwks(&[&rs256])).await;

@@ -27,6 +27,7 @@ use self::json::{Key, Member, Members, Place};
 use crate::auth::AuthError;
 use crate::config::{IssuerConfig, JwtConfig};
 use crate::keys::{parse_algorithm, KeyKind, KeyStore, VerificationKey};
+use crate::metrics::{CacheCounters, Metrics};
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -72,7 +73,13 @@ pub struct JwtVerifier {
     /// kept while the payload is read, before its `iss` (which may come last) is known.
     permissions_claims: Vec<String>,
     leeway: i64,
-    cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
+    cache: Option<VerifiedCache>,
+}
+
+/// Tokens that passed, by the SHA-256 of the token, with the lookups counted.
+struct VerifiedCache {
+    tokens: moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>,
+    lookups: CacheCounters,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -80,7 +87,10 @@ impl fmt::Debug for JwtVerifier {
         f.debug_struct("JwtVerifier")
             .field("issuers", &self.issuers.len())
             .field("leeway", &self.leeway)
-            .field("cache", &self.cache.as_ref().map(|c| c.entry_count()))
+            .field(
+                "cache",
+                &self.cache.as_ref().map(|c| c.tokens.entry_count()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -135,14 +145,16 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for ExpireAtExp {
 }
 
 impl JwtVerifier {
-    /// Builds the verifier. `keys` must have been loaded from the same configuration.
-    pub fn new(config: &JwtConfig, keys: Arc<KeyStore>) -> Self {
+    /// Builds the verifier. `keys` must have been loaded from the same configuration. With the
+    /// verified-token cache on, its lookups are counted in `metrics`.
+    pub fn new(config: &JwtConfig, keys: Arc<KeyStore>, metrics: &Metrics) -> Self {
         let leeway = secs(config.leeway);
-        let cache = (config.verified_cache > 0).then(|| {
-            moka::sync::Cache::builder()
+        let cache = (config.verified_cache > 0).then(|| VerifiedCache {
+            tokens: moka::sync::Cache::builder()
                 .max_capacity(config.verified_cache)
                 .expire_after(ExpireAtExp { leeway })
-                .build()
+                .build(),
+            lookups: metrics.verified_cache_counters(),
         });
         let mut permissions_claims: Vec<String> = Vec::new();
         for issuer in &config.issuers {
@@ -187,21 +199,23 @@ impl JwtVerifier {
             .as_ref()
             .map(|_| Sha256::digest(token.as_bytes()).into());
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
-            if let Some(hit) = cache.get(key) {
+            if let Some(hit) = cache.tokens.get(key) {
                 if hit.verified_by.strong_count() > 0
                     && (!hit.from_jwks || self.keys.jwks_usable(&hit.issuer))
                 {
+                    cache.lookups.hit.inc();
                     self.check_times(hit.exp, hit.not_before, hit.issued_at, now)?;
                     return Ok(hit);
                 }
                 // Its key has left the JWKS, or the JWKS is older than `jwks_max_stale`: verify
                 // again, against the keys held now (none, in the second case: keys_unavailable).
-                cache.invalidate(key);
+                cache.tokens.invalidate(key);
             }
+            cache.lookups.miss.inc();
         }
         let verified = Arc::new(self.verify_uncached(token, now).await?);
         if let (Some(cache), Some(key)) = (&self.cache, cache_key) {
-            cache.insert(key, verified.clone());
+            cache.tokens.insert(key, verified.clone());
         }
         Ok(verified)
     }
@@ -858,6 +872,15 @@ mod tests {
         cache: u64,
         tweak: impl FnOnce(&mut IssuerConfig),
     ) -> (JwtVerifier, tempfile::TempDir) {
+        let (v, _, dir) = verifier_counted(cache, tweak).await;
+        (v, dir)
+    }
+
+    /// [`verifier_with`], and the metrics its cache counts in.
+    async fn verifier_counted(
+        cache: u64,
+        tweak: impl FnOnce(&mut IssuerConfig),
+    ) -> (JwtVerifier, Metrics, tempfile::TempDir) {
         let k = &*KEYS;
         let body = jwks(&[&k.rs256, &k.ps256, &k.es256, &k.es384, &k.eddsa]).to_string();
         let (dir, source) = jwks_file(&body);
@@ -865,7 +888,8 @@ mod tests {
         tweak(&mut issuer);
         let config = jwt_config(vec![issuer], cache);
         let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
-        (JwtVerifier::new(&config, store), dir)
+        let metrics = Metrics::new();
+        (JwtVerifier::new(&config, store, &metrics), metrics, dir)
     }
 
     async fn verifier() -> (JwtVerifier, tempfile::TempDir) {
@@ -1459,9 +1483,19 @@ mod tests {
         );
     }
 
+    /// The value of `portcullis_jwt_verified_cache_lookups_total{result="<result>"}`, if the
+    /// series is there.
+    fn cache_lookups(metrics: &Metrics, result: &str) -> Option<u64> {
+        let series = format!("portcullis_jwt_verified_cache_lookups_total{{result=\"{result}\"}} ");
+        let text = metrics.encode();
+        let value = text.lines().find_map(|l| l.strip_prefix(&series))?;
+        Some(value.parse().unwrap())
+    }
+
     #[tokio::test]
     async fn cached_token_skips_verification_but_not_expiry_or_stale_keys() {
-        let (v, _dir) = verifier_with(100, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
+        let (v, metrics, _dir) =
+            verifier_counted(100, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
         // A real clock, since the cache expires entries at exp in real time.
         let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
@@ -1475,6 +1509,17 @@ mod tests {
         assert_err!(v.verify(&token, now).await, KeysUnavailable);
         let other = KEYS.es256.sign(&with(claims.clone(), "sub", json!("v")));
         assert_err!(v.verify(&other, now).await, KeysUnavailable);
+        // Hits: the second look-up, and the expired one (found, then refused on its time).
+        // Misses: the first, the entry that stale keys made unusable, and the other token.
+        assert_eq!(
+            (
+                cache_lookups(&metrics, "hit"),
+                cache_lookups(&metrics, "miss")
+            ),
+            (Some(2), Some(3)),
+            "{}",
+            metrics.encode()
+        );
     }
 
     #[tokio::test]
@@ -1485,7 +1530,7 @@ mod tests {
         issuer.jwks_refresh = Duration::from_millis(50);
         let config = jwt_config(vec![issuer], 100);
         let store = KeyStore::load(&config, Arc::new(Metrics::new())).await;
-        let v = JwtVerifier::new(&config, store);
+        let v = JwtVerifier::new(&config, store, &Metrics::new());
         let now = crate::store::revocation::unix_now();
         let claims = json!({"iss": ISSUER, "sub": "u", "iat": now, "exp": now + 60});
         let withdrawn = k.es256.sign(&claims);
@@ -1514,11 +1559,15 @@ mod tests {
 
     #[tokio::test]
     async fn cache_off_verifies_every_time() {
-        let (v, _dir) = verifier_with(0, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
+        let (v, metrics, _dir) =
+            verifier_counted(0, |i| i.jwks_max_stale = Duration::from_secs(1)).await;
         let token = KEYS.es256.sign(&claims());
         v.verify(&token, NOW).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_err!(v.verify(&token, NOW).await, KeysUnavailable);
+        // No cache, so no series that would read as a cache that never hits.
+        let text = metrics.encode();
+        assert!(!text.contains("verified_cache"), "{text}");
     }
 
     /// `payload` (raw JSON) signed with ES256 under the test key's kid.

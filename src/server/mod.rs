@@ -93,7 +93,7 @@ impl Server {
         };
         let stores = store::connect_all(&config.store).await?;
         let keys = KeyStore::load(&config.jwt, metrics.clone()).await;
-        let jwt = JwtVerifier::new(&config.jwt, keys.clone());
+        let jwt = JwtVerifier::new(&config.jwt, keys.clone(), &metrics);
         let proxy = Arc::new(
             Proxy::new(config.clone(), jwt, stores.clone(), metrics.clone())
                 .map_err(RunError::UpstreamTls)?,
