@@ -105,7 +105,6 @@ pub struct Metrics {
     signatures: Family<ResultLabels, Counter>,
     store_errors: Family<OperationLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
-    verified_cache: Family<ResultLabels, Counter>,
     certificate_not_after: Gauge,
     certificate_expiry: Gauge,
 }
@@ -164,8 +163,6 @@ impl Metrics {
             "Certificate reloads by result (ok, or error: the old set kept serving)",
             tls_reloads.clone(),
         );
-        // Registered by `verified_cache_counters` when the verified-token cache is on.
-        let verified_cache = Family::<ResultLabels, Counter>::default();
         // Registered by `register_certificate_metrics` when TLS is on: a plain-HTTP proxy has
         // no certificate, and a 0 would read as "expired".
         let certificate_not_after = Gauge::default();
@@ -174,7 +171,6 @@ impl Metrics {
             signatures,
             store_errors,
             tls_reloads,
-            verified_cache,
             certificate_not_after,
             certificate_expiry,
             registry: Mutex::new(registry),
@@ -285,18 +281,15 @@ impl Metrics {
     /// and returns its two series, which the verifier adds to with one atomic add a lookup.
     /// Called once, by the verifier that owns the cache.
     pub fn verified_cache_counters(&self) -> CacheCounters {
-        let mut registry = match self.registry.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        registry.register(
+        let lookups = Family::<ResultLabels, Counter>::default();
+        self.registry().register(
             "jwt_verified_cache_lookups",
             "Verified-token cache lookups by result (hit: no signature check; miss: the token \
              was verified in full)",
-            self.verified_cache.clone(),
+            lookups.clone(),
         );
         let series = |result: &str| {
-            self.verified_cache
+            lookups
                 .get_or_create(&ResultLabels {
                     result: result.to_owned(),
                 })
@@ -310,10 +303,7 @@ impl Metrics {
 
     /// Registers the serving-certificate gauges (TLS is on).
     pub fn register_certificate_metrics(&self) {
-        let mut registry = match self.registry.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut registry = self.registry();
         registry.register(
             "certificate_not_after_seconds",
             "notAfter of the serving certificate, Unix seconds",
@@ -351,13 +341,19 @@ impl Metrics {
             .set(age.as_secs_f64());
     }
 
+    /// The registry, locked. A panic while it was held (none is expected) leaves it as it
+    /// was, so a poisoned lock is taken over rather than failing every scrape after it.
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        match self.registry.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = match self.registry.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let registry = self.registry();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
