@@ -523,36 +523,182 @@ fn verify_accepts_an_ecdsa_p256_chain_signed_with_sha512() {
     // openssl signs with a P-256 key and SHA-512, which the proxy's rustls (aws-lc-rs) accepts
     // in a handshake; `cert verify` must say the same.
     let dir = tempfile::tempdir().unwrap();
-    let path = |name: &str| dir.path().join(name);
+    let (leaf, root) = openssl_ca_and_leaf(dir.path(), P256, "sha512", "sha512.example.test");
+    let text = stdout(&openssl(&[
+        "x509",
+        "-in",
+        path_str(&leaf),
+        "-noout",
+        "-text",
+    ]));
+    assert!(text.contains("ecdsa-with-SHA512"), "{text}");
+
+    let out = portcullis(&[
+        "verify",
+        path_str(&leaf),
+        "--roots",
+        path_str(&root),
+        "--host",
+        "sha512.example.test",
+    ]);
+    assert_success(&out);
+    assert!(
+        stdout(&out).starts_with("OK: verified for server authentication"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// `cert verify leaf --chain <chain...> --roots root` on PEM texts written to a fresh folder.
+fn verify_pems(leaf: &str, chain: &[&str], root: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (leaf, chain, root) = (
+        write("leaf.pem", leaf),
+        write("chain.pem", &chain.concat()),
+        write("root.pem", root),
+    );
+    portcullis(&[
+        "verify",
+        path_str(&leaf),
+        "--chain",
+        path_str(&chain),
+        "--roots",
+        path_str(&root),
+    ])
+}
+
+/// webpki's own text for these is its `Debug` (`EndEntityUsedAsCa`); each must read as a reason.
+fn assert_rejected_in_words(out: &Output, reason: &str, webpki_name: &str) {
+    assert_rejected(out, reason);
+    assert!(!stderr(out).contains(webpki_name), "{}", stderr(out));
+}
+
+#[test]
+fn verify_names_an_issuer_that_is_not_a_ca() {
+    let root = ca::root("Portcullis Test Root");
+    // A server certificate (no basicConstraints CA:TRUE) used to sign another.
+    let not_a_ca = ca::leaf(&LeafSpec::server("not-a-ca.example.test", &[]), &root);
+    let leaf = ca::leaf(
+        &LeafSpec::server("api.example.test", &["api.example.test"]),
+        &not_a_ca,
+    );
+    let out = verify_pems(&leaf.pem(), &[&not_a_ca.pem()], &root.pem());
+    assert_rejected_in_words(
+        &out,
+        "an issuer on the path is not a CA: it lacks basicConstraints CA:TRUE",
+        "EndEntityUsedAsCa",
+    );
+}
+
+#[test]
+fn verify_names_a_path_longer_than_an_intermediates_path_length_allows() {
+    let root = ca::root("Portcullis Test Root");
+    // An intermediate that may sign leaves only (pathLenConstraint 0), over another CA.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Path Length Zero Intermediate");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let zero = Issued {
+        cert: params.signed_by(&key, &root.cert, &root.key).unwrap(),
+        key,
+    };
+    let below = ca::intermediate("Intermediate Under Path Length Zero", &zero);
+    let leaf = ca::leaf(
+        &LeafSpec::server("api.example.test", &["api.example.test"]),
+        &below,
+    );
+    let out = verify_pems(&leaf.pem(), &[&below.pem(), &zero.pem()], &root.pem());
+    assert_rejected_in_words(
+        &out,
+        "the path is longer than an issuer's basicConstraints pathLenConstraint allows",
+        "PathLenConstraintViolated",
+    );
+    // A leaf signed by the constrained intermediate itself is within the constraint.
+    let direct = ca::leaf(
+        &LeafSpec::server("api.example.test", &["api.example.test"]),
+        &zero,
+    );
+    assert_success(&verify_pems(&direct.pem(), &[&zero.pem()], &root.pem()));
+}
+
+#[test]
+fn verify_names_a_name_outside_the_issuers_name_constraints() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Constrained Root");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.test".to_owned())],
+        excluded_subtrees: vec![],
+    });
+    let root = Issued {
+        cert: params.self_signed(&key).unwrap(),
+        key,
+    };
+    let outside = ca::leaf(
+        &LeafSpec::server("api.other.test", &["api.other.test"]),
+        &root,
+    );
+    let out = verify_pems(&outside.pem(), &[], &root.pem());
+    assert_rejected_in_words(
+        &out,
+        "a name in the certificate is outside an issuer's name constraints",
+        "NameConstraintViolation",
+    );
+    let inside = ca::leaf(
+        &LeafSpec::server("api.example.test", &["api.example.test"]),
+        &root,
+    );
+    assert_success(&verify_pems(&inside.pem(), &[], &root.pem()));
+}
+
+/// `openssl genpkey` arguments.
+const RSA2048: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+const RSA1024: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"];
+const P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+
+/// A CA with a key made by `openssl genpkey ca_key`, and a P-256 leaf for `cn` (serverAuth)
+/// that it signs with `digest`, both made by openssl: `(leaf.pem, ca.pem)` in `dir`.
+fn openssl_ca_and_leaf(dir: &Path, ca_key: &[&str], digest: &str, cn: &str) -> (PathBuf, PathBuf) {
+    let path = |name: &str| dir.join(name);
     let ext = path("leaf.ext");
     std::fs::write(
         &ext,
-        "basicConstraints = critical, CA:FALSE\n\
-         keyUsage = critical, digitalSignature\n\
-         extendedKeyUsage = serverAuth\n\
-         subjectAltName = DNS:sha512.example.test\n",
+        format!(
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = serverAuth\n\
+             subjectAltName = DNS:{cn}\n"
+        ),
     )
     .unwrap();
-    for key in ["ca.key", "leaf.key"] {
-        assert_success(&openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            path_str(&path(key)),
-        ]));
+    for (key, args) in [("ca.key", ca_key), ("leaf.key", P256)] {
+        let out = path(key);
+        let mut command = vec!["genpkey"];
+        command.extend_from_slice(args);
+        command.extend_from_slice(&["-out", path_str(&out)]);
+        assert_success(&openssl(&command));
     }
     assert_success(&openssl(&[
         "req",
         "-x509",
         "-new",
-        "-sha512",
+        &format!("-{digest}"),
         "-key",
         path_str(&path("ca.key")),
         "-subj",
-        "/CN=P-256 SHA-512 Root",
+        "/CN=openssl Test Root",
         "-days",
         "3650",
         "-addext",
@@ -568,14 +714,14 @@ fn verify_accepts_an_ecdsa_p256_chain_signed_with_sha512() {
         "-key",
         path_str(&path("leaf.key")),
         "-subj",
-        "/CN=sha512.example.test",
+        &format!("/CN={cn}"),
         "-out",
         path_str(&path("leaf.csr")),
     ]));
     assert_success(&openssl(&[
         "x509",
         "-req",
-        "-sha512",
+        &format!("-{digest}"),
         "-in",
         path_str(&path("leaf.csr")),
         "-CA",
@@ -591,28 +737,47 @@ fn verify_accepts_an_ecdsa_p256_chain_signed_with_sha512() {
         "-out",
         path_str(&path("leaf.pem")),
     ]));
+    (path("leaf.pem"), path("ca.pem"))
+}
+
+#[test]
+fn verify_names_a_sha1_signature_by_its_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, root) = openssl_ca_and_leaf(dir.path(), RSA2048, "sha1", "sha1.example.test");
     let text = stdout(&openssl(&[
         "x509",
         "-in",
-        path_str(&path("leaf.pem")),
+        path_str(&leaf),
         "-noout",
         "-text",
     ]));
-    assert!(text.contains("ecdsa-with-SHA512"), "{text}");
-
-    let out = portcullis(&[
+    assert!(text.contains("sha1WithRSAEncryption"), "{text}");
+    let out = portcullis(&["verify", path_str(&leaf), "--roots", path_str(&root)]);
+    assert_rejected_in_words(
+        &out,
+        "signature algorithm sha1WithRSAEncryption is not accepted",
+        "UnsupportedSignatureAlgorithm",
+    );
+    // The same CA signing with SHA-256 is accepted: the algorithm was the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, root) = openssl_ca_and_leaf(dir.path(), RSA2048, "sha256", "sha1.example.test");
+    assert_success(&portcullis(&[
         "verify",
-        path_str(&path("leaf.pem")),
+        path_str(&leaf),
         "--roots",
-        path_str(&path("ca.pem")),
-        "--host",
-        "sha512.example.test",
-    ]);
-    assert_success(&out);
-    assert!(
-        stdout(&out).starts_with("OK: verified for server authentication"),
-        "{}",
-        stdout(&out)
+        path_str(&root),
+    ]));
+}
+
+#[test]
+fn verify_names_a_short_rsa_key_among_the_causes_of_a_bad_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, root) = openssl_ca_and_leaf(dir.path(), RSA1024, "sha256", "rsa1024.example.test");
+    let out = portcullis(&["verify", path_str(&leaf), "--roots", path_str(&root)]);
+    assert_rejected_in_words(
+        &out,
+        "an RSA key shorter than 2048 bits",
+        "InvalidSignatureForPublicKey",
     );
 }
 

@@ -92,8 +92,9 @@ pub fn verify_chain(
     now: time::OffsetDateTime,
 ) -> Result<Verified, CertError> {
     let leaf_der = CertificateDer::from(request.leaf);
-    let leaf = webpki::EndEntityCert::try_from(&leaf_der)
-        .map_err(|e| CertError::Rejected(format!("the leaf certificate is malformed: {e}")))?;
+    let leaf = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| {
+        CertError::Rejected(format!("the leaf certificate is unusable: {}", reason(&e)))
+    })?;
     let root_ders: Vec<CertificateDer<'_>> = request
         .roots
         .iter()
@@ -198,13 +199,103 @@ fn explain(error: webpki::Error, request: &Request<'_>) -> CertError {
         webpki::Error::RequiredEkuNotFoundContext(_) => CertError::WrongUsage {
             purpose: request.usage.purpose(),
         },
-        webpki::Error::InvalidSignatureForPublicKey => CertError::Rejected(
-            "bad signature: a certificate with the issuer's name did not sign this one".to_owned(),
-        ),
-        webpki::Error::CaUsedAsEndEntity => {
-            CertError::Rejected("the leaf is a CA certificate, not an end entity".to_owned())
+        #[allow(deprecated)] // webpki still returns the old variant from some paths
+        webpki::Error::RequiredEkuNotFound => CertError::WrongUsage {
+            purpose: request.usage.purpose(),
+        },
+        other => CertError::Rejected(reason(&other)),
+    }
+}
+
+/// A sentence for a webpki error that has no `CertError` of its own. webpki's own `Display` is
+/// its `Debug` (`PathLenConstraintViolated`, byte arrays of OIDs), which tells an operator little.
+fn reason(error: &webpki::Error) -> String {
+    #[allow(deprecated)] // the context-free variants are still returned on some paths
+    let text = match error {
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "bad signature: no certificate with the issuer's name has a key that verifies this \
+             one (another key under the same name, or an RSA key shorter than 2048 bits, which \
+             the proxy's TLS refuses)"
         }
-        other => CertError::Rejected(other.to_string()),
+        webpki::Error::CaUsedAsEndEntity => "the leaf is a CA certificate, not an end entity",
+        webpki::Error::EndEntityUsedAsCa => {
+            "an issuer on the path is not a CA: it lacks basicConstraints CA:TRUE, so it cannot \
+             sign other certificates"
+        }
+        webpki::Error::PathLenConstraintViolated => {
+            "the path is longer than an issuer's basicConstraints pathLenConstraint allows"
+        }
+        webpki::Error::NameConstraintViolation => {
+            "a name in the certificate is outside an issuer's name constraints"
+        }
+        webpki::Error::UnsupportedSignatureAlgorithmContext(context) => {
+            return format!(
+                "signature algorithm {} is not accepted (the proxy's TLS never accepts SHA-1 or \
+                 MD5 signatures)",
+                algorithm_name(&context.signature_algorithm_id)
+            );
+        }
+        webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(context) => {
+            return format!(
+                "an issuer's {} key cannot check a {} signature (an unsupported key type or \
+                 curve, or a key of another algorithm than the signature's)",
+                algorithm_name(&context.public_key_algorithm_id),
+                algorithm_name(&context.signature_algorithm_id)
+            );
+        }
+        webpki::Error::UnsupportedSignatureAlgorithm => {
+            "a signature on the path uses an algorithm the proxy's TLS does not accept"
+        }
+        webpki::Error::UnsupportedSignatureAlgorithmForPublicKey => {
+            "an issuer's key type or curve cannot check the signature it is asked to"
+        }
+        webpki::Error::SignatureAlgorithmMismatch => {
+            "a certificate names one signature algorithm in its body and another beside its \
+             signature"
+        }
+        webpki::Error::EmptyEkuExtension => "a certificate's extended key usage extension is empty",
+        webpki::Error::UnsupportedCriticalExtension => {
+            "a certificate on the path has a critical extension the verifier does not know"
+        }
+        webpki::Error::UnsupportedCertVersion => "a certificate on the path is not X.509 version 3",
+        webpki::Error::InvalidCertValidity => {
+            "a certificate on the path has a validity period that ends before it starts"
+        }
+        webpki::Error::InvalidSerialNumber => {
+            "a certificate on the path has a malformed, negative or over-long serial number"
+        }
+        webpki::Error::MalformedExtensions | webpki::Error::ExtensionValueInvalid => {
+            "a certificate on the path has a malformed extension"
+        }
+        webpki::Error::MalformedNameConstraint | webpki::Error::InvalidNetworkMaskConstraint => {
+            "an issuer on the path has a malformed name constraint"
+        }
+        webpki::Error::MalformedDnsIdentifier => "a DNS name in the certificate is malformed",
+        webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_) => {
+            "a certificate on the path is not valid DER"
+        }
+        webpki::Error::MaximumPathDepthExceeded
+        | webpki::Error::MaximumSignatureChecksExceeded
+        | webpki::Error::MaximumPathBuildCallsExceeded
+        | webpki::Error::MaximumNameConstraintComparisonsExceeded => {
+            "no path found within the verifier's limits (too long a chain, or too many candidate \
+             intermediates)"
+        }
+        webpki::Error::CertDistrusted => "a certificate's key on the path is distrusted",
+        webpki::Error::CertRevoked => "a certificate on the path is revoked",
+        other => return format!("rejected by the path check ({other:?})"),
+    };
+    text.to_owned()
+}
+
+/// The short name of the algorithm whose DER `AlgorithmIdentifier` contents (the OID first)
+/// webpki hands back, e.g. `sha1WithRSAEncryption`, or its dotted OID when it has no name here.
+fn algorithm_name(identifier: &[u8]) -> String {
+    use x509_parser::der_parser::asn1_rs::{FromDer as _, Oid};
+    match Oid::from_der(identifier) {
+        Ok((_, oid)) => x509_parser::objects::oid2sn(&oid, x509_parser::objects::oid_registry())
+            .map_or_else(|_| oid.to_id_string(), str::to_owned),
+        Err(_) => "(unreadable)".to_owned(),
     }
 }
 
