@@ -121,7 +121,14 @@ impl Admin {
             Method::POST | Method::DELETE => {
                 let body = match read_limited(request.into_body(), ADMIN_BODY_LIMIT).await {
                     Ok(body) => body,
-                    Err(reason) => {
+                    Err(BodyError::TooLarge) => {
+                        return problem(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "body_too_large",
+                            &format!("the body is larger than {ADMIN_BODY_LIMIT} bytes"),
+                        )
+                    }
+                    Err(BodyError::Unreadable(reason)) => {
                         return problem(StatusCode::BAD_REQUEST, "invalid_body", &reason)
                     }
                 };
@@ -206,11 +213,19 @@ impl Admin {
                     ),
                 }
             }
-            _ => problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use GET, POST or DELETE",
-            ),
+            _ => {
+                let mut response = problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "use GET, POST or DELETE",
+                );
+                // RFC 9110 section 15.5.6: a 405 lists the methods the resource takes.
+                response.headers_mut().insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, DELETE"),
+                );
+                response
+            }
         }
     }
 
@@ -311,14 +326,24 @@ fn bearer_matches(headers: &http::HeaderMap, token: &Secret) -> bool {
     )
 }
 
-async fn read_limited(body: Incoming, limit: usize) -> Result<bytes::Bytes, String> {
+/// Why an admin request's body was not read.
+enum BodyError {
+    /// Over the limit: 413.
+    TooLarge,
+    /// Broken off or malformed: 400, with the reason.
+    Unreadable(String),
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<bytes::Bytes, BodyError> {
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, limit);
-    limited
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| format!("the body could not be read ({e})"))
+    limited.collect().await.map(|c| c.to_bytes()).map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            BodyError::TooLarge
+        } else {
+            BodyError::Unreadable(format!("the body could not be read ({e})"))
+        }
+    })
 }
 
 /// An admin error as problem+json.

@@ -40,6 +40,10 @@ pub enum Rejection {
     /// The route accepts other content types.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request's `Transfer-Encoding` names a coding besides `chunked`, which the proxy
+    /// does not decode (RFC 9112 section 6.1: 501); the text names it.
+    #[error("{0}")]
+    UnsupportedTransferCoding(String),
     /// A check refused the credentials.
     #[error("{0}")]
     Auth(#[from] AuthError),
@@ -71,6 +75,7 @@ impl Rejection {
             Self::BodyTimeout(_) => "body_timeout",
             Self::InvalidHost(_) => "invalid_host",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             Self::RateLimited { .. } => "rate_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -113,6 +118,7 @@ impl Rejection {
             Self::BodyIncomplete | Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -226,6 +226,14 @@ async fn the_admin_api_needs_its_token_and_is_off_without_one() {
     )
     .await;
     assert_eq!(r.status, 400);
+    // A body over the admin API's 64 KiB is 413, as on the proxy's own port.
+    let huge = json!({"jti": "x".repeat(70_000), "exp": now() + 60});
+    let r = admin(proxy.admin, "POST", huge, ADMIN_TOKEN).await;
+    assert_eq!((r.status, r.code().as_str()), (413, "body_too_large"));
+    // A method the resource does not take: 405 with the ones it does (RFC 9110).
+    let r = admin(proxy.admin, "PUT", body.clone(), ADMIN_TOKEN).await;
+    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST, DELETE"));
     proxy.stop().await;
 
     // Without admin.token_env the API does not exist.

@@ -87,6 +87,25 @@ async fn public_route_forwards_with_request_id_and_forwarded_headers() {
     proxy.stop().await;
 }
 
+/// `strip_headers = ["x-request-id"]`: clients do not choose ids. The proxy makes one for every
+/// request, and the upstream still gets it (it is not stripped after being made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripped_request_id_is_replaced_by_the_proxys_own() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "strip_headers = [\"X-Request-Id\"]").await;
+    let response = get(&proxy.url("/public"), &[("x-request-id", "req-42")]).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let id = response.header("x-request-id").unwrap().to_owned();
+    assert_ne!(id, "req-42");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(upstream.last().header("x-request-id"), Some(id.as_str()));
+    // Without one from the client, the same.
+    let response = get(&proxy.url("/public"), &[]).await;
+    let id = response.header("x-request-id").unwrap().to_owned();
+    assert_eq!(upstream.last().header("x-request-id"), Some(id.as_str()));
+    proxy.stop().await;
+}
+
 /// DESIGN.md, "Identity passed upstream": inbound copies of `x-forwarded-for` are removed
 /// first. A client that is not a trusted proxy cannot put an address of its choosing in front
 /// of its own, in one line or in several.
@@ -497,7 +516,58 @@ async fn content_types_are_enforced_per_route() {
     );
     let response = send("POST", &proxy.url("/upload"), &[], b"x".to_vec()).await;
     assert_eq!(response.status, 415);
+    // Two fields: the check would read one, and an upstream might read the other.
+    let response = raw(
+        proxy.addr,
+        "POST /upload HTTP/1.1\nContent-Type: application/json\nContent-Type: text/xml\n\
+         Content-Length: 2",
+        b"<a",
+    )
+    .await;
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    assert!(
+        response.body.contains("more than one Content-Type field"),
+        "{}",
+        response.body
+    );
     assert_eq!(upstream.count(), 1);
+    proxy.stop().await;
+}
+
+/// RFC 9112 section 6.1: a transfer coding the proxy does not decode is refused with 501. hyper
+/// decodes the `chunked` under `gzip`, and the gzip-coded bytes would reach the upstream as if
+/// they were the body, their coding gone with the hop-by-hop headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_besides_chunked_gets_501() {
+    let upstream = Upstream::start().await;
+    let (proxy, _dir) = start(&upstream, "").await;
+    for coding in ["gzip, chunked", "deflate,chunked", "x-custom, Chunked"] {
+        let response = raw(
+            proxy.addr,
+            &format!("POST /public HTTP/1.1\nTransfer-Encoding: {coding}"),
+            b"5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            (response.status, response.code().as_str()),
+            (501, "unsupported_transfer_coding"),
+            "{coding}: {}",
+            response.body
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+    // Plain chunked goes through, as a chunked body.
+    let response = raw(
+        proxy.addr,
+        "POST /public HTTP/1.1\nTransfer-Encoding: chunked",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(upstream.last().body.as_ref(), b"hello");
     proxy.stop().await;
 }
 

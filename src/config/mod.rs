@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// removes (DESIGN.md's "configured names"): lower case, valid names, none that a check
     /// reads.
     pub strip_headers: Vec<http::HeaderName>,
+    /// `x-request-id` was in `strip_headers`: a client's id is never kept, and the proxy makes
+    /// a new one for every request, which still goes upstream (it is not stripped after).
+    pub fresh_request_ids: bool,
     /// Client connections served at once; past it, new ones wait in the listen backlog until
     /// one ends (HAProxy's `maxconn`). The admin listener is not counted.
     pub max_connections: usize,
@@ -91,6 +94,34 @@ const READ_BY_CHECKS: [&str; 6] = [
     "content-length",
     "transfer-encoding",
 ];
+
+/// Whether two listening sockets would take the same port on the same address: the same
+/// address, or a wildcard (`0.0.0.0` covers IPv4, `[::]` both families, as Linux binds it).
+fn listens_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Whether `uri`'s port, if it names one, is one a connection can be made to (1-65535): `http`
+/// takes `:99999` and `:0` as written, and the failure would come only at the first request.
+fn port_ok(uri: &Uri) -> bool {
+    // `Uri::port` is `None` for a port that is not a `u16`, so the authority is read here.
+    let Some(authority) = uri.authority().map(|a| a.as_str()) else {
+        return true;
+    };
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, rest)| rest);
+    let after_host = host_port
+        .rfind(']')
+        .map_or(host_port, |end| &host_port[end..]);
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, port)) => port.parse::<u16>().is_ok_and(|port| port != 0),
+    }
+}
 
 /// An address or a network (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`) in `server.trusted_proxies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -560,6 +591,27 @@ impl Validator<'_> {
         p
     }
 
+    /// Reads and parses a `jwks_file` as the key store will, so that a file the proxy could not
+    /// use is refused here rather than found at the first request (503 keys_unavailable). A
+    /// `jwks_url` is fetched only at start: its server may not be up while the config is checked.
+    fn jwks_file_keys(&mut self, key: &str, path: &Path, algorithms: &[Algorithm]) {
+        let keys = crate::keys::read_jwks_file(path).and_then(|bytes| {
+            // The issuer name is only for the parser's log lines about skipped keys.
+            crate::keys::parse_jwks("(config check)", &bytes)
+        });
+        match keys {
+            Err(e) => self.error(key, e),
+            Ok(keys) if !keys.iter().any(|k| algorithms.iter().any(|a| k.fits(*a))) => self.error(
+                key,
+                format!(
+                    "{} holds no key usable with the issuer's algorithms",
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
+        }
+    }
+
     /// Loads an HMAC secret named by an environment variable or a file (trailing newline
     /// trimmed). Its bytes are the key, whatever they are; only the length is checked.
     fn secret(
@@ -746,10 +798,13 @@ impl Validator<'_> {
             .collect();
         self.route_warnings(&routes);
         self.subject_limit_warnings(&routes, &jwt);
-        if server.listen == admin.listen && server.listen.port() != 0 {
+        if listens_clash(server.listen, admin.listen) {
             self.error(
                 "admin.listen",
-                format!("{} is also server.listen", admin.listen),
+                format!(
+                    "{} and server.listen {} cannot both be bound: one port, and addresses that overlap",
+                    admin.listen, server.listen
+                ),
             );
         }
         Some(Config {
@@ -805,6 +860,7 @@ impl Validator<'_> {
                 }
             })
             .collect();
+        let mut fresh_request_ids = false;
         let strip_headers = raw
             .strip_headers
             .unwrap_or_default()
@@ -815,6 +871,10 @@ impl Validator<'_> {
                 let lower = name.trim().to_ascii_lowercase();
                 if READ_BY_CHECKS.contains(&lower.as_str()) {
                     self.error(key, format!("{name:?} is read by the proxy's checks"));
+                    return None;
+                }
+                if lower == "x-request-id" {
+                    fresh_request_ids = true;
                     return None;
                 }
                 match http::HeaderName::from_bytes(lower.as_bytes()) {
@@ -849,6 +909,7 @@ impl Validator<'_> {
             busy_poll,
             trusted_proxies,
             strip_headers,
+            fresh_request_ids,
             // At most MAX_MAX_CONNECTIONS, checked above.
             max_connections: max_connections as usize,
             tls,
@@ -928,6 +989,11 @@ impl Validator<'_> {
                             "{:?} is not an http:// or https:// URL with a host",
                             raw.url
                         ),
+                    );
+                } else if !port_ok(&uri) {
+                    self.error(
+                        "upstream.url",
+                        format!("{:?}: the port is not a number from 1 to 65535", raw.url),
                     );
                 } else if !path_ok {
                     self.error(
@@ -1164,17 +1230,23 @@ impl Validator<'_> {
                 match url.parse::<Uri>() {
                     Ok(u)
                         if matches!(u.scheme_str(), Some("http" | "https"))
-                            && u.authority().is_some() => {}
+                            && u.authority().is_some()
+                            && port_ok(&u) => {}
                     _ => self.error(
                         format!("{at}.jwks_url"),
-                        format!("{url:?} is not an http(s) URL"),
+                        format!("{url:?} is not an http(s) URL with a host (and a port from 1 to 65535, if any)"),
                     ),
                 }
                 Some(JwksSource::Url(url))
             }
-            (None, Some(file)) => Some(JwksSource::File(
-                self.existing_file(&format!("{at}.jwks_file"), &file),
-            )),
+            (None, Some(file)) => {
+                let key = format!("{at}.jwks_file");
+                let path = self.existing_file(&key, &file);
+                if path.is_file() {
+                    self.jwks_file_keys(&key, &path, &algorithms);
+                }
+                Some(JwksSource::File(path))
+            }
             (None, None) => None,
         };
         let mut secrets = Vec::new();
@@ -1182,6 +1254,12 @@ impl Validator<'_> {
             let path = format!("{at}.secrets[{j}]");
             if s.kid.is_empty() {
                 self.error(format!("{path}.kid"), "must not be empty");
+            } else if raw.secrets[..j].iter().any(|earlier| earlier.kid == s.kid) {
+                // Keys are looked up by kid: a second secret under one kid would never be tried.
+                self.error(
+                    format!("{path}.kid"),
+                    format!("{:?} is the kid of an earlier secret", s.kid),
+                );
             }
             if let Some(secret) =
                 self.secret(&path, "env", s.env.as_deref(), "file", s.file.as_deref())
@@ -1213,7 +1291,7 @@ impl Validator<'_> {
         let required_claims = raw
             .required_claims
             .unwrap_or_else(|| vec!["sub".into(), "exp".into(), "iat".into()]);
-        let max_lifetime = self.duration(
+        let max_lifetime = self.nonzero_duration(
             &format!("{at}.max_lifetime"),
             raw.max_lifetime.as_deref(),
             Duration::from_secs(24 * 3600),
@@ -1228,11 +1306,22 @@ impl Validator<'_> {
             raw.jwks_min_refetch.as_deref(),
             Duration::from_secs(30),
         );
-        let jwks_max_stale = self.duration(
+        let jwks_max_stale = self.nonzero_duration(
             &format!("{at}.jwks_max_stale"),
             raw.jwks_max_stale.as_deref(),
             Duration::from_secs(24 * 3600),
         );
+        if jwks.is_some() && jwks_max_stale <= jwks_refresh {
+            self.error(
+                format!("{at}.jwks_max_stale"),
+                format!(
+                    "{} is not longer than jwks_refresh ({}): the keys would go stale between \
+                     two refreshes, and every token be refused until the next",
+                    humantime::format_duration(jwks_max_stale),
+                    humantime::format_duration(jwks_refresh)
+                ),
+            );
+        }
         if raw.audiences.is_empty() {
             if raw.permissions_claim.as_deref() == Some("aud") {
                 self.error(
@@ -1368,6 +1457,16 @@ impl Validator<'_> {
             self.error(
                 format!("{at}.name"),
                 format!("{:?} must be printable ASCII without ':'", raw.name),
+            );
+        }
+        if raw.path_prefix.contains(['?', '#']) {
+            self.error(
+                format!("{at}.path_prefix"),
+                format!(
+                    "{:?} holds '?' or '#', which end a request's path: routes match the path \
+                     alone, never the query",
+                    raw.path_prefix
+                ),
             );
         }
         let path_prefix = match path::normalize(&raw.path_prefix) {
@@ -1660,6 +1759,182 @@ mod tests {
         match parse(extra, env) {
             Ok(_) => panic!("accepted:\n{extra}"),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn settings_the_proxy_could_only_fail_on_later_are_refused() {
+        let issuer = |extra: &str| {
+            format!(
+                "[[jwt.issuers]]\nissuer = \"https://i.test\"\naudiences = [\"api\"]\n\
+                 algorithms = [\"RS256\"]\njwks_url = \"https://i.test/jwks\"\n{extra}"
+            )
+        };
+        // Keys refreshed every 10m but stale after 5m: refused between refreshes.
+        let e = errors(
+            &issuer("jwks_refresh = \"10m\"\njwks_max_stale = \"5m\"\n"),
+            &[],
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "jwt.issuers[0].jwks_max_stale: 5m is not longer than jwks_refresh (10m)"
+            ),
+            "{e:?}"
+        );
+        let e = errors(
+            &issuer("jwks_refresh = \"5m\"\njwks_max_stale = \"5m\"\n"),
+            &[],
+        );
+        assert!(e[0].contains("is not longer than jwks_refresh"), "{e:?}");
+        for key in ["jwks_max_stale", "max_lifetime"] {
+            assert_eq!(
+                errors(&issuer(&format!("{key} = \"0s\"\n")), &[]),
+                [format!("jwt.issuers[0].{key}: must be more than 0s")]
+            );
+        }
+        let c = parse(
+            &issuer("jwks_refresh = \"5m\"\njwks_max_stale = \"6m\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.jwt.issuers[0].jwks_max_stale, Duration::from_secs(360));
+
+        // Ports no connection can be made to.
+        for port in ["99999", "0", "65536"] {
+            let e = match Config::parse(
+                &format!("[upstream]\nurl = \"http://127.0.0.1:{port}\"\n"),
+                Path::new("."),
+                &|_| None,
+            ) {
+                Ok(_) => panic!("port {port} accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.starts_with("upstream.url:")
+                    && e.contains("the port is not a number from 1 to 65535"),
+                "{e}"
+            );
+            let e = errors(
+                &format!(
+                    "[[jwt.issuers]]\nissuer = \"i\"\nalgorithms = [\"RS256\"]\n\
+                     jwks_url = \"https://i.test:{port}/jwks\"\n"
+                ),
+                &[],
+            );
+            assert!(
+                e.iter().any(|e| e.starts_with("jwt.issuers[0].jwks_url:")),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            parse("", &[]).unwrap().upstream.url.port_u16(),
+            Some(8000),
+            "the test's own upstream has a port"
+        );
+
+        // Two kids alike: the second secret would never be tried.
+        let e = errors(
+            "[[jwt.issuers]]\nissuer = \"i\"\nalgorithms = [\"HS256\"]\n\
+             secrets = [{kid = \"k\", env = \"A\"}, {kid = \"k\", env = \"B\"}]\n",
+            &[("A", &"a".repeat(32)), ("B", &"b".repeat(32))],
+        );
+        assert_eq!(
+            e,
+            ["jwt.issuers[0].secrets[1].kid: \"k\" is the kid of an earlier secret"]
+        );
+
+        // A query or fragment in a route's prefix: never part of a request's path.
+        for prefix in ["/health?x=1", "/a#b"] {
+            let e = errors(
+                &format!("[[routes]]\nname = \"r\"\npath_prefix = \"{prefix}\"\n"),
+                &[],
+            );
+            assert!(
+                e.iter().any(|e| e.starts_with("routes[0].path_prefix:")
+                    && e.contains("which end a request's path")),
+                "{prefix}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn listen_addresses_that_overlap_are_refused() {
+        for (server, admin) in [
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("127.0.0.1:9000", "0.0.0.0:9000"),
+            ("0.0.0.0:9000", "10.1.2.3:9000"),
+            ("[::]:9000", "127.0.0.1:9000"),
+            ("[::1]:9000", "[::]:9000"),
+        ] {
+            let e = errors(
+                &format!("[server]\nlisten = \"{server}\"\n[admin]\nlisten = \"{admin}\"\n"),
+                &[],
+            );
+            assert_eq!(e.len(), 1, "{server} {admin}: {e:?}");
+            assert!(e[0].starts_with("admin.listen:"), "{e:?}");
+        }
+        for (server, admin) in [
+            ("127.0.0.1:9000", "127.0.0.1:9001"),
+            ("127.0.0.1:9000", "127.0.0.2:9000"),
+            ("0.0.0.0:9000", "[::1]:9000"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            parse(
+                &format!("[server]\nlisten = \"{server}\"\n[admin]\nlisten = \"{admin}\"\n"),
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{server} {admin}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_jwks_file_the_key_store_could_not_use_is_refused() {
+        // RFC 8037, appendix A: an Ed25519 public key.
+        let ed25519 = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "a",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("good.json", ed25519),
+            ("not-json.json", "-----BEGIN PUBLIC KEY-----"),
+            ("no-keys.json", r#"{"keys": "nope"}"#),
+            ("empty.json", r#"{"keys": []}"#),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let with = |file: &str, alg: &str| {
+            Config::parse(
+                &format!(
+                    "{UPSTREAM}[[jwt.issuers]]\nissuer = \"i\"\nalgorithms = [\"{alg}\"]\n\
+                     jwks_file = \"{file}\"\n"
+                ),
+                dir.path(),
+                &|_| None,
+            )
+        };
+        with("good.json", "EdDSA").unwrap();
+        for (file, alg, why) in [
+            ("not-json.json", "EdDSA", "the JWKS is not JSON"),
+            ("no-keys.json", "EdDSA", "the JWKS has no \"keys\" array"),
+            (
+                "empty.json",
+                "EdDSA",
+                "the JWKS holds no usable signature key",
+            ),
+            (
+                "good.json",
+                "RS256",
+                "holds no key usable with the issuer's algorithms",
+            ),
+        ] {
+            let e = match with(file, alg) {
+                Ok(_) => panic!("{file} accepted for {alg}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.starts_with("jwt.issuers[0].jwks_file:") && e.contains(why),
+                "{file}: {e}"
+            );
         }
     }
 

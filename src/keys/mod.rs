@@ -249,7 +249,7 @@ fn alg_is_hmac(alg: Algorithm) -> bool {
 /// glibc takes the multi-threaded path of every `send` and `recv` for the rest of the process's
 /// life (their cancellation-point bookkeeping: about 0.2 µs of a public request on the
 /// benchmark machine).
-fn read_jwks_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_jwks_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
     let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
     let file = std::fs::File::open(path).map_err(cannot_read)?;

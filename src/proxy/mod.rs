@@ -186,6 +186,9 @@ impl Proxy {
         conn: &ConnectionInfo,
     ) -> Response<Body> {
         let started = Instant::now();
+        if self.config.server.fresh_request_ids {
+            request.headers_mut().remove(headers::X_REQUEST_ID);
+        }
         let request_id = headers::request_id(request.headers_mut());
         let mut outcome = Outcome::default();
         let mut response = match self.process(request, conn, &request_id, &mut outcome).await {
@@ -239,6 +242,9 @@ impl Proxy {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Rejection> {
         let (mut parts, body) = request.into_parts();
+        // Read before the hop-by-hop headers go: hyper has decoded `chunked`, and a coding
+        // under it (`gzip, chunked`) would reach the upstream undeclared.
+        check_transfer_coding(&parts.headers)?;
         headers::remove_hop_by_hop_and_spoofable(
             &mut parts.headers,
             &self.config.server.strip_headers,
@@ -996,10 +1002,34 @@ fn forwarded_for<'a>(
     HeaderValue::from_bytes(&list).unwrap_or_else(|_| conn.peer_ip.clone())
 }
 
+/// Refuses a `Transfer-Encoding` with a coding besides `chunked` (RFC 9112 section 6.1: a
+/// server answers 501 to a transfer coding it does not understand).
+fn check_transfer_coding(headers: &http::HeaderMap) -> Result<(), Rejection> {
+    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
+        let text = value.to_str().unwrap_or("(not text)");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(Rejection::UnsupportedTransferCoding(format!(
+                    "transfer coding {coding:?} is not supported; send the body as is, or chunked"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_content_type(route: &Route, headers: &http::HeaderMap) -> Result<(), Rejection> {
     let Some(allowed) = &route.content_types else {
         return Ok(());
     };
+    // Only the first field is read here; an upstream that read another would see a type this
+    // check never judged.
+    if headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
+        return Err(Rejection::UnsupportedMediaType(format!(
+            "more than one Content-Type field was sent; send one: {}",
+            allowed.join(" or ")
+        )));
+    }
     let sent = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

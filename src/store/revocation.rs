@@ -187,7 +187,8 @@ pub trait RevocationStore: Send + Sync + std::fmt::Debug {
     /// `iat` (they cannot prove they were issued later).
     ///
     /// `Err` when the answer cannot be trusted: for Redis, a mirror not confirmed current within
-    /// `[store] revocation_max_lag` (or not synced yet). Never `Ok(false)` in that case.
+    /// `[store] revocation_max_lag` (or not synced yet). Never `Ok(false)` in that case; but
+    /// `Ok(true)` for a revocation the mirror holds, however old it is.
     fn is_revoked(
         &self,
         jti: Option<&str>,
