@@ -112,6 +112,12 @@ async fn sentinel_failover_fails_closed_then_recovers_without_rebuilding_the_sto
             Ok(false),
             "a revoked token passed during the failover"
         );
+        // A revoked token is refused from the mirror however old it is; only a token never
+        // revoked needs the mirror current, so it tells when the revocations are back.
+        let current = stores
+            .revocations
+            .is_revoked(Some("jti-never-revoked"), None, None, t);
+        assert_ne!(current, Ok(true), "a token never revoked passed as revoked");
         // The exhausted bucket must never allow.
         let limited = stores.rate_limits.check("failover", 3, window).await;
         assert!(
@@ -122,7 +128,7 @@ async fn sentinel_failover_fails_closed_then_recovers_without_rebuilding_the_sto
             .nonces
             .record_once("k", &format!("during-failover-{attempt:06}"), TTL)
             .await;
-        if replay.is_ok() && check.is_ok() && limited.is_ok() && fresh.is_ok() {
+        if replay.is_ok() && check.is_ok() && current.is_ok() && limited.is_ok() && fresh.is_ok() {
             recovered = Some(killed.elapsed());
             break;
         }
