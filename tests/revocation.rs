@@ -352,10 +352,10 @@ async fn expired_token_revocations_are_pruned_from_redis_by_its_clock() {
         let exp = exp.to_string();
         support::redis::redis_cli(port, &["HSET", hash, field, &exp]);
     }
-    assert_eq!(support::redis::redis_cli(port, &["HLEN", hash]).trim(), "2");
+    let exists = |field: &str| support::redis::redis_cli(port, &["HEXISTS", hash, field]);
+    assert_eq!(exists("jti:old").trim(), "1");
     // Listing loads the whole hash, pruning it first.
     store.list(None, 100).await.unwrap();
-    let exists = |field: &str| support::redis::redis_cli(port, &["HEXISTS", hash, field]);
     assert_eq!(
         exists("jti:old").trim(),
         "0",
@@ -550,17 +550,345 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
 
     server.restart().await;
     let restarted = Instant::now();
-    // The restarted redis is empty (no persistence): current again means it answers, and new
-    // revocations flow again.
+    // The restarted redis is empty (no persistence). The mirrors write back what they hold:
+    // the revocation made before the restart is enforced still, and is in redis again.
     wait_current(&b).await;
     eprintln!(
         "mirror current again {:?} after redis answered PING",
         restarted.elapsed()
     );
-    assert_eq!(b.is_revoked(Some("jti-k1"), None, None, t), Ok(false));
+    assert_eq!(b.is_revoked(Some("jti-k1"), None, None, t), Ok(true));
+    assert_eq!(hget(server.port, "jti:jti-k1"), (t + 600).to_string());
     wait_current(&a).await;
     propagates(&a, &b, "jti-k4").await;
     assert_eq!(b.ping().await, Ok(()));
+}
+
+/// The field of the revocation hash, as `redis-cli` prints it ("" when there is none).
+fn hget(port: u16, field: &str) -> String {
+    support::redis::redis_cli(port, &["hget", "{portcullis}:revocations", field])
+        .trim()
+        .to_owned()
+}
+
+async fn redis_stores(url: String) -> store::Stores {
+    store::connect_all(&store_config(
+        StoreBackend::Redis { url },
+        Duration::from_secs(1),
+    ))
+    .await
+    .expect("a redis url to 127.0.0.1 is valid")
+}
+
+/// Waits up to 5 s for `what` to hold.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < Duration::from_secs(5), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// The TTL the nonces of these tests are recorded with (2 x max_skew in the proxy).
+const NONCE_TTL: Duration = Duration::from_secs(2);
+
+/// A nonce recorded before Redis lost its data could be replayed while its TTL runs, as could
+/// any other: until then every nonce is refused, as unavailable (a 503, never a pass). After
+/// it, nonces are recorded again.
+async fn nonces_refused_until_the_ttl_has_passed(stores: &[&store::Stores], recorded: &str) {
+    use portcullis::store::{NonceOutcome, StoreError};
+    for (i, stores) in stores.iter().enumerate() {
+        match stores
+            .nonces
+            .record_once("client-1", recorded, NONCE_TTL)
+            .await
+        {
+            Err(StoreError::Unavailable { reason }) => {
+                assert!(reason.contains("lost its data"), "{reason}")
+            }
+            other => panic!("replica {i}: a nonce from before the loss answered {other:?}"),
+        }
+        assert!(
+            stores
+                .nonces
+                .record_once("client-1", &format!("never-seen-{i}"), NONCE_TTL)
+                .await
+                .is_err(),
+            "replica {i}: a new nonce cannot be told from a lost one"
+        );
+    }
+    let refused = Instant::now();
+    let mut n = 0;
+    let fresh = loop {
+        n += 1;
+        let nonce = format!("after-{n}");
+        let outcome = stores[0]
+            .nonces
+            .record_once("client-1", &nonce, NONCE_TTL)
+            .await;
+        if outcome == Ok(NonceOutcome::Fresh) {
+            break nonce;
+        }
+        assert!(
+            refused.elapsed() < NONCE_TTL + Duration::from_secs(4),
+            "nonces still refused {:?} after the loss: {outcome:?}",
+            refused.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "nonces recorded again {:?} after the refusal was seen",
+        refused.elapsed()
+    );
+    assert_eq!(
+        stores[0]
+            .nonces
+            .record_once("client-1", &fresh, NONCE_TTL)
+            .await,
+        Ok(NonceOutcome::Replayed),
+        "the nonce store works as before"
+    );
+}
+
+/// Redis restarted without persistence comes back empty. The replicas that held revocations
+/// write them back, a replica started after the restart gets them, and nonces are refused
+/// until those recorded before the restart can no longer be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_gets_the_revocations_back_and_refuses_nonces_meanwhile() {
+    use portcullis::store::NonceOutcome;
+    let mut server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    let b = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    wait_current(&b.revocations).await;
+    let t = now();
+    a.revocations
+        .revoke(&token("jti-r1", t + 600))
+        .await
+        .unwrap();
+    b.revocations
+        .revoke(&subject("sub-r1", t - 5))
+        .await
+        .unwrap();
+    let recorded = "nonce-before-the-restart";
+    assert_eq!(
+        a.nonces.record_once("client-1", recorded, NONCE_TTL).await,
+        Ok(NonceOutcome::Fresh)
+    );
+
+    server.restart().await;
+    let took = eventually("the revocations are back in redis", || {
+        hget(server.port, "jti:jti-r1") == (t + 600).to_string()
+            && hget(server.port, "sub:sub-r1") == (t - 5).to_string()
+    })
+    .await;
+    eprintln!("revocations written back {took:?} after the restart");
+    let c = redis_stores(server.url()).await;
+    wait_current(&c.revocations).await;
+    for (name, stores) in [("a", &a), ("b", &b), ("c, started after", &c)] {
+        let revocations = &stores.revocations;
+        assert_eq!(
+            revocations.is_revoked(Some("jti-r1"), None, None, t),
+            Ok(true),
+            "replica {name}"
+        );
+        assert_eq!(
+            revocations.is_revoked(None, Some("sub-r1"), Some(t - 60), t),
+            Ok(true),
+            "replica {name}"
+        );
+    }
+    nonces_refused_until_the_ttl_has_passed(&[&a, &b, &c], recorded).await;
+}
+
+/// A FLUSHDB drops nothing the proxy's connections would notice: the heartbeats, which carry
+/// the hash's epoch, tell the replicas within a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_redis_gets_the_revocations_back_and_refuses_nonces_meanwhile() {
+    use portcullis::store::NonceOutcome;
+    let server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    a.revocations
+        .revoke(&token("jti-f1", t + 600))
+        .await
+        .unwrap();
+    let recorded = "nonce-before-the-flush";
+    assert_eq!(
+        a.nonces.record_once("client-1", recorded, NONCE_TTL).await,
+        Ok(NonceOutcome::Fresh)
+    );
+    assert_eq!(
+        support::redis::redis_cli(server.port, &["flushdb"]).trim(),
+        "OK"
+    );
+    let took = eventually("the revocation is back in redis", || {
+        hget(server.port, "jti:jti-f1") == (t + 600).to_string()
+    })
+    .await;
+    eprintln!("revocation written back {took:?} after the flush");
+    assert!(
+        took < Duration::from_secs(2),
+        "a flush is found by the heartbeats, not the 30 s resync: {took:?}"
+    );
+    assert_eq!(
+        a.revocations.is_revoked(Some("jti-f1"), None, None, t),
+        Ok(true)
+    );
+    nonces_refused_until_the_ttl_has_passed(&[&a], recorded).await;
+}
+
+/// A hash made anew counts as a loss however many changes it has had since: a replica that
+/// finds the loss late (another replica created the new hash and revoked more than this one
+/// had seen) still writes back what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_made_anew_with_more_changes_is_still_a_loss() {
+    let server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    a.revocations
+        .revoke(&token("jti-e1", t + 600))
+        .await
+        .unwrap();
+    let exp = (t + 600).to_string();
+    // One atomic step, as the replica that made the new hash would have left it.
+    let replaced = support::redis::redis_cli(
+        server.port,
+        &[
+            "eval",
+            "redis.call('DEL', KEYS[1]); redis.call('HSET', KEYS[1], '~epoch', 'other', '~gen', '100', 'jti:jti-e2', ARGV[1]); return 1",
+            "1",
+            "{portcullis}:revocations",
+            &exp,
+        ],
+    );
+    assert_eq!(replaced.trim(), "1");
+    eventually("the lost revocation is back in redis", || {
+        hget(server.port, "jti:jti-e1") == exp
+    })
+    .await;
+    assert_eq!(hget(server.port, "~epoch"), "other");
+    wait_current(&a.revocations).await;
+    for jti in ["jti-e1", "jti-e2"] {
+        assert_eq!(
+            a.revocations.is_revoked(Some(jti), None, None, t),
+            Ok(true),
+            "{jti}"
+        );
+    }
+    assert!(a
+        .nonces
+        .record_once("client-1", "nonce-after-the-loss", NONCE_TTL)
+        .await
+        .is_err());
+}
+
+/// An event whose change count skips one means events were lost on the way: the mirror
+/// resyncs at once rather than at the next 30 s resync. The test makes two changes whose events
+/// are never published, then one that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_skips_a_change_makes_the_mirror_resync() {
+    let server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    a.revocations
+        .revoke(&token("jti-g1", t + 600))
+        .await
+        .unwrap();
+    let exp = (t + 600).to_string();
+    let changed = support::redis::redis_cli(
+        server.port,
+        &[
+            "eval",
+            "redis.call('HSET', KEYS[1], 'jti:jti-unannounced', ARGV[1]); \
+             redis.call('HINCRBY', KEYS[1], '~gen', 1); \
+             redis.call('HSET', KEYS[1], 'sub:sub-unannounced', ARGV[1]); \
+             redis.call('HINCRBY', KEYS[1], '~gen', 1); \
+             redis.call('HSET', KEYS[1], 'jti:jti-announced', ARGV[1]); \
+             local gen = redis.call('HINCRBY', KEYS[1], '~gen', 1); \
+             local epoch = redis.call('HGET', KEYS[1], '~epoch'); \
+             return redis.call('PUBLISH', 'portcullis:revocations', 's:' .. epoch .. ':' .. gen .. ':' .. ARGV[1] .. ':jti:jti-announced')",
+            "1",
+            "{portcullis}:revocations",
+            &exp,
+        ],
+    );
+    assert_eq!(changed.trim(), "1", "one subscriber got the event");
+    let took = eventually("the mirror holds the changes never announced", || {
+        a.revocations
+            .is_revoked(Some("jti-unannounced"), None, None, t)
+            == Ok(true)
+            && a.revocations
+                .is_revoked(None, Some("sub-unannounced"), Some(t), t)
+                == Ok(true)
+    })
+    .await;
+    eprintln!("resynced {took:?} after the event that skipped two changes");
+    for jti in ["jti-g1", "jti-announced"] {
+        assert_eq!(
+            a.revocations.is_revoked(Some(jti), None, None, t),
+            Ok(true),
+            "{jti}"
+        );
+    }
+    assert_eq!(hget(server.port, "~lost"), "", "a gap is not a loss");
+}
+
+/// Redis restarted from an older snapshot has the hash's epoch but not its latest changes (as
+/// has a replica promoted before it caught up): the change count tells, and the mirror's
+/// newer revocations are written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_from_an_older_snapshot_gets_the_later_revocations_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_owned();
+    let mut server =
+        RedisServer::start_with(support::redis::free_port(), &["--dir", &dir_arg]).await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    a.revocations
+        .revoke(&token("jti-s1", t + 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        support::redis::redis_cli(server.port, &["save"]).trim(),
+        "OK"
+    );
+    a.revocations
+        .revoke(&token("jti-s2", t + 600))
+        .await
+        .unwrap();
+    a.revocations
+        .unrevoke(&token("jti-s1", t + 600))
+        .await
+        .unwrap();
+
+    server.restart().await;
+    assert_eq!(
+        hget(server.port, "jti:jti-s1"),
+        (t + 600).to_string(),
+        "the snapshot is the older one"
+    );
+    let took = eventually("the later revocation is back in redis", || {
+        hget(server.port, "jti:jti-s2") == (t + 600).to_string()
+    })
+    .await;
+    eprintln!("later revocation written back {took:?} after the restart");
+    wait_current(&a.revocations).await;
+    assert_eq!(
+        a.revocations.is_revoked(Some("jti-s2"), None, None, t),
+        Ok(true)
+    );
+    // The undo the snapshot lacks is not replayed: a write-back only adds. The token stays
+    // revoked (the safe side) until it is undone again.
+    assert_eq!(
+        a.revocations.is_revoked(Some("jti-s1"), None, None, t),
+        Ok(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,10 +18,16 @@
 //! - **Fail fast.** While disconnected, a command fails at once (`fail_fast` per command) instead
 //!   of waiting in fred's queue for a reconnect; and no command waits longer than
 //!   `[store] timeout`.
+//! - **Lost data fails closed.** A Redis that loses writes (restarted without persistence,
+//!   failed over to a replica that had not caught up, flushed) forgets nonces that may still
+//!   be replayed. The revocation mirror finds such a loss (`redis_revocation`) and records it
+//!   on the connection; every nonce is then refused as unavailable until the nonces recorded
+//!   before the loss have passed their TTL (2 x max_skew).
 //! - **Reconnect forever.** Exponential backoff from 50 ms to 1 s, no attempt limit, also for
 //!   the first connection, so a Redis that is down at start or restarted later is picked up
 //!   without restarting the proxy.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +92,13 @@ struct Shared {
     timeout: Duration,
     /// Scheme and hosts only, for `Debug` and logs: never the password.
     target: String,
+    /// When Redis was last found to have lost writes, in Unix seconds by this machine's clock
+    /// ([`NO_LOSS`] when never): see [`RedisConnection::note_data_loss`].
+    data_lost_at: AtomicI64,
 }
+
+/// [`Shared::data_lost_at`] when no loss was ever seen.
+const NO_LOSS: i64 = i64::MIN;
 
 impl Drop for Shared {
     fn drop(&mut self) {
@@ -151,6 +163,7 @@ impl RedisConnection {
                 options: command_options(timeout),
                 timeout,
                 target,
+                data_lost_at: AtomicI64::new(NO_LOSS),
             }),
         };
         connection.watch_eviction_policy(connected).await;
@@ -328,6 +341,29 @@ impl RedisConnection {
         }
     }
 
+    /// Records that Redis lost writes at `at` (Unix seconds, this machine's clock): it was
+    /// restarted without persistence, failed over to a replica that had not caught up, or
+    /// flushed. The revocation mirror finds it (see `redis_revocation`); the nonce store then
+    /// refuses every nonce for as long as a nonce recorded before the loss could still be
+    /// replayed. The latest loss seen counts.
+    pub(crate) fn note_data_loss(&self, at: i64) {
+        self.inner.data_lost_at.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// `Some((since, left))` when writes were lost `since` seconds ago and a nonce kept for
+    /// `ttl` that was recorded before could still be replayed for `left` more seconds.
+    fn nonces_lost(&self, ttl: Duration) -> Option<(i64, i64)> {
+        let at = self.inner.data_lost_at.load(Ordering::Relaxed);
+        if at == NO_LOSS {
+            return None;
+        }
+        let now = super::revocation::unix_now();
+        // A second more than the TTL: the loss time is whole seconds, rounded down.
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let until = at.saturating_add(ttl).saturating_add(2);
+        (now < until).then(|| (now.saturating_sub(at), until - now))
+    }
+
     /// PING through the pool, for `/readyz`.
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.bounded(self.client().ping(None)).await?;
@@ -464,6 +500,13 @@ impl NonceStore for RedisNonceStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
+        if let Some((since, left)) = self.connection.nonces_lost(ttl) {
+            return Err(StoreError::Unavailable {
+                reason: format!(
+                    "redis lost its data {since} s ago, and a nonce recorded before could be replayed for {left} s more"
+                ),
+            });
+        }
         // The nonce alphabet (A-Z a-z 0-9 - _) has no ':', so the last ':' splits the key
         // unambiguously whatever the key id holds.
         let key = format!("portcullis:nonce:{key_id}:{nonce}");

@@ -2,11 +2,23 @@
 //! local lookup.
 //!
 //! Layout: one hash, `{portcullis}:revocations`, with fields `jti:<jti>` -> exp and
-//! `sub:<sub>` -> before. One key means one slot in a cluster: a resync is one script on one
-//! node, and every change and every event comes from that node in one order. Changes are Lua
-//! scripts that update the hash and `PUBLISH` the resulting entry on
-//! `portcullis:revocations` in the same atomic step ("durable, then published"): `s:<value>:<field>`
-//! for a set entry, `d:<field>` for a removed one.
+//! `sub:<sub>` -> before, and three of its own: `~epoch` (a random id, made by the first script
+//! that finds the hash without one), `~gen` (the changes made in that epoch) and `~lost` (when a
+//! replica last wrote its mirror back, by the server's clock). One key means one slot in a
+//! cluster: a resync is one script on one node, and every change and every event comes from
+//! that node in one order. Changes are Lua scripts that update the hash, count the change and
+//! `PUBLISH` the resulting entry on `portcullis:revocations` in the same atomic step ("durable,
+//! then published"): `s:<epoch>:<gen>:<value>:<field>` for a set entry,
+//! `d:<epoch>:<gen>:<field>` for a removed one.
+//!
+//! Lost writes: Redis restarted without persistence, failed over to a replica that had not
+//! caught up, restarted from an older snapshot, or flushed. The mirror finds them when a dump
+//! holds another epoch, or fewer changes than the mirror has applied. It is told to look by a
+//! heartbeat or an event of another epoch, a skipped change, a reconnect, or the 30 s resync.
+//! It then writes itself back into the hash, keeping the later value of each entry. Only then
+//! does it load the hash, so that no replica ever takes the emptier hash as the truth. The
+//! write-back records the loss in the hash, and every replica's dump passes it to the
+//! connection: the nonce store refuses nonces until those recorded before it are past their TTL.
 //!
 //! Each store runs one background task with its own subscriber connection. It:
 //! - subscribes, then loads the whole hash (pruning expired token revocations in the same
@@ -14,7 +26,8 @@
 //!   overflowed, and every [`RESYNC_EVERY`]. Subscribing first means no change falls between
 //!   the snapshot and the events that follow it.
 //! - publishes a heartbeat of its own every `revocation_max_lag / 4` (between 50 ms and 1 s),
-//!   through the same script path as the changes. When its own heartbeat comes back on the
+//!   through the same script path as the changes, with the hash's epoch (`h:<instance>:<sequence>:<epoch>`).
+//!   When its own heartbeat comes back on the
 //!   subscription, every change published before that heartbeat was sent has been applied: the
 //!   mirror is confirmed current as of the heartbeat's send time.
 //!
@@ -67,45 +80,86 @@ const FIRST_SYNC_GRACE: Duration = Duration::from_secs(1);
 /// would confirm an older state than a later one anyway).
 const OUTSTANDING: usize = 64;
 
-/// KEYS[1]: the hash. ARGV: field, value, channel. Keeps the later value; publishes the entry.
-const REVOKE: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-local value = ARGV[2]
+/// The start of every script that writes: `epoch()` returns the hash's epoch, and creates one
+/// (ARGV[1], a new random id) with change 0 when the hash has none: on the first write ever,
+/// or after Redis lost the hash (a restart without persistence, a flush).
+macro_rules! with_epoch {
+    ($body:literal) => {
+        concat!(
+            r"
+local function epoch()
+  local e = redis.call('HGET', KEYS[1], '~epoch')
+  if not e then
+    e = ARGV[1]
+    redis.call('HDEL', KEYS[1], '~lost')
+    redis.call('HSET', KEYS[1], '~epoch', e, '~gen', 0)
+  end
+  return e
+end
+",
+            $body
+        )
+    };
+}
+
+/// KEYS[1]: the hash. ARGV: new epoch, field, value, channel. Keeps the later value; counts a
+/// change and publishes the entry.
+const REVOKE: &str = with_epoch!(
+    r"
+local e = epoch()
+local stored = redis.call('HGET', KEYS[1], ARGV[2])
+local value = ARGV[3]
 if stored and tonumber(stored) >= tonumber(value) then
   value = stored
 else
-  redis.call('HSET', KEYS[1], ARGV[1], value)
+  redis.call('HSET', KEYS[1], ARGV[2], value)
 end
-redis.call('PUBLISH', ARGV[3], 's:' .. value .. ':' .. ARGV[1])
+local gen = redis.call('HINCRBY', KEYS[1], '~gen', 1)
+redis.call('PUBLISH', ARGV[4], 's:' .. e .. ':' .. gen .. ':' .. value .. ':' .. ARGV[2])
 return tonumber(value)
-";
+"
+);
 
-/// KEYS[1]: the hash. ARGV: field, the latest value to remove ('' = any), channel.
-const UNREVOKE: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
+/// KEYS[1]: the hash. ARGV: new epoch, field, the latest value to remove ('' = any), channel.
+const UNREVOKE: &str = with_epoch!(
+    r"
+local stored = redis.call('HGET', KEYS[1], ARGV[2])
 if not stored then
   return 0
 end
-if ARGV[2] ~= '' and tonumber(stored) > tonumber(ARGV[2]) then
+if ARGV[3] ~= '' and tonumber(stored) > tonumber(ARGV[3]) then
   return 0
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[3], 'd:' .. ARGV[1])
+local e = epoch()
+redis.call('HDEL', KEYS[1], ARGV[2])
+local gen = redis.call('HINCRBY', KEYS[1], '~gen', 1)
+redis.call('PUBLISH', ARGV[4], 'd:' .. e .. ':' .. gen .. ':' .. ARGV[2])
 return 1
-";
+"
+);
 
-/// KEYS[1]: the hash. ARGV: the grace in seconds. Deletes the token revocations whose exp is
-/// more than the grace before the Redis server's clock, and returns the rest as field, value,
-/// field, value... The server's clock, not the replica's that runs the script: a replica whose
-/// clock ran fast would otherwise delete revocations the others still need, and their next
-/// resync would drop them too.
-const DUMP: &str = r"
+/// KEYS[1]: the hash. ARGV: new epoch, the grace in seconds. Deletes the token revocations
+/// whose exp is more than the grace before the Redis server's clock, and returns epoch, change,
+/// the server's clock, the last loss ('' when none), then the entries as field, value, field,
+/// value... The server's clock, not the replica's that runs the script: a replica whose clock
+/// ran fast would otherwise delete revocations the others still need, and their next resync
+/// would drop them too. Pruning is not a change: it removes only what no check can match.
+const DUMP: &str = with_epoch!(
+    r"
+local e = epoch()
 local all = redis.call('HGETALL', KEYS[1])
-local out = {}
-local oldest = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[1])
+local now = tonumber(redis.call('TIME')[1])
+local oldest = now - tonumber(ARGV[2])
+local out = {e, '0', tostring(now), ''}
 for i = 1, #all, 2 do
   local field, value = all[i], all[i + 1]
-  if string.sub(field, 1, 4) == 'jti:' and (tonumber(value) or oldest) < oldest then
+  if string.sub(field, 1, 1) == '~' then
+    if field == '~gen' then
+      out[2] = value
+    elseif field == '~lost' then
+      out[4] = value
+    end
+  elseif string.sub(field, 1, 4) == 'jti:' and (tonumber(value) or oldest) < oldest then
     redis.call('HDEL', KEYS[1], field)
   else
     out[#out + 1] = field
@@ -113,12 +167,52 @@ for i = 1, #all, 2 do
   end
 end
 return out
+"
+);
+
+/// KEYS[1]: the hash. ARGV: new epoch, the last change the replica saw, channel, then field,
+/// value, field, value... Writes back a replica's mirror after Redis lost writes: each entry
+/// keeps the later of the two values. Counts a change past both Redis's and the replica's,
+/// records the loss by the server's clock and publishes `r:<epoch>` (every replica resyncs).
+const RESTORE: &str = with_epoch!(
+    r"
+local e = epoch()
+for i = 4, #ARGV, 2 do
+  local stored = redis.call('HGET', KEYS[1], ARGV[i])
+  if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local gen = tonumber(redis.call('HGET', KEYS[1], '~gen')) or 0
+local seen = tonumber(ARGV[2]) or 0
+if seen > gen then
+  gen = seen
+end
+local now = tonumber(redis.call('TIME')[1])
+local lost = tonumber(redis.call('HGET', KEYS[1], '~lost')) or 0
+if now > lost then
+  lost = now
+end
+redis.call('HSET', KEYS[1], '~gen', tostring(gen + 1), '~lost', tostring(lost))
+redis.call('PUBLISH', ARGV[3], 'r:' .. e)
+return gen + 1
+"
+);
+
+/// KEYS[1]: the hash (to run on its node, and for its epoch). ARGV: channel, message. The
+/// message goes out with `:<epoch>` appended, empty when the hash is gone.
+const HEARTBEAT: &str = r"
+local e = redis.call('HGET', KEYS[1], '~epoch') or ''
+return redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':' .. e)
 ";
 
-/// KEYS[1]: the hash (only to run on its node). ARGV: channel, message.
-const HEARTBEAT: &str = r"
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
-";
+/// Entries written back by one [`RESTORE`] call.
+const RESTORE_CHUNK: usize = 500;
+
+/// A new random epoch, offered to every script that may have to create one.
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
 
 /// The scripts, hashed once.
 #[derive(Debug)]
@@ -126,6 +220,7 @@ struct Scripts {
     revoke: LuaScript,
     unrevoke: LuaScript,
     dump: LuaScript,
+    restore: LuaScript,
     heartbeat: LuaScript,
 }
 
@@ -259,6 +354,7 @@ impl RedisRevocationStore {
             revoke: LuaScript::new(REVOKE),
             unrevoke: LuaScript::new(UNREVOKE),
             dump: LuaScript::new(DUMP),
+            restore: LuaScript::new(RESTORE),
             heartbeat: LuaScript::new(HEARTBEAT),
         });
         // Receivers taken before connecting, so that the first connection's event is seen.
@@ -276,6 +372,9 @@ impl RedisRevocationStore {
             last_resync: None,
             sequence: 0,
             outstanding: VecDeque::new(),
+            epoch: None,
+            changes: 0,
+            suspect: false,
         };
         let task = tokio::spawn(task.run(messages, reconnects));
         let store = Self {
@@ -308,25 +407,42 @@ impl RedisRevocationStore {
     }
 
     /// The whole hash, pruned of expired token revocations.
-    async fn dump(&self) -> Result<RevocationSet, StoreError> {
+    async fn dump(&self) -> Result<Dump, StoreError> {
         dump(&self.connection, &self.scripts.dump).await
     }
 }
 
+/// What [`DUMP`] returns: the entries, and where the hash stands.
+#[derive(Debug)]
+struct Dump {
+    set: RevocationSet,
+    /// The hash's epoch: a random id made when the hash was created.
+    epoch: String,
+    /// Changes made in this epoch (revokes, unrevokes and write-backs, each counted once).
+    changes: u64,
+    /// The Redis server's clock, in Unix seconds.
+    server_now: i64,
+    /// When a replica last wrote its mirror back after a loss, by the server's clock.
+    lost_at: Option<i64>,
+}
+
 /// Runs the dump script and parses its reply.
-async fn dump(
-    connection: &RedisConnection,
-    script: &LuaScript,
-) -> Result<RevocationSet, StoreError> {
+async fn dump(connection: &RedisConnection, script: &LuaScript) -> Result<Dump, StoreError> {
     let flat: Vec<String> = connection
         .run_script(
             script,
             vec![HASH.to_owned()],
-            vec![TOKEN_REVOCATION_GRACE_SECS.to_string()],
+            vec![new_epoch(), TOKEN_REVOCATION_GRACE_SECS.to_string()],
         )
         .await?;
+    let unreadable = || StoreError::Refused {
+        reason: "the revocation dump script answered in an unknown shape".to_owned(),
+    };
+    let [epoch, changes, server_now, lost_at, entries @ ..] = flat.as_slice() else {
+        return Err(unreadable());
+    };
     let mut set = RevocationSet::default();
-    for pair in flat.chunks_exact(2) {
+    for pair in entries.chunks_exact(2) {
         let parsed = pair[1]
             .parse()
             .ok()
@@ -338,7 +454,13 @@ async fn dump(
             }
         }
     }
-    Ok(set)
+    Ok(Dump {
+        set,
+        epoch: epoch.clone(),
+        changes: changes.parse().map_err(|_| unreadable())?,
+        server_now: server_now.parse().map_err(|_| unreadable())?,
+        lost_at: lost_at.parse().ok(),
+    })
 }
 
 #[async_trait::async_trait]
@@ -350,7 +472,12 @@ impl RevocationStore for RedisRevocationStore {
             .run_script(
                 &self.scripts.revoke,
                 vec![HASH.to_owned()],
-                vec![r.field(), r.value().to_string(), CHANNEL.to_owned()],
+                vec![
+                    new_epoch(),
+                    r.field(),
+                    r.value().to_string(),
+                    CHANNEL.to_owned(),
+                ],
             )
             .await?;
         // Once this returns, a check on this replica must see the revocation. The mirror
@@ -374,7 +501,7 @@ impl RevocationStore for RedisRevocationStore {
             .run_script(
                 &self.scripts.unrevoke,
                 vec![HASH.to_owned()],
-                vec![r.field(), latest, CHANNEL.to_owned()],
+                vec![new_epoch(), r.field(), latest, CHANNEL.to_owned()],
             )
             .await?;
         // As for a revoke, the mirror takes the removal from the event.
@@ -393,7 +520,7 @@ impl RevocationStore for RedisRevocationStore {
     ) -> Result<(Vec<Revocation>, Option<String>), StoreError> {
         // From Redis rather than the mirror: the admin API shows what is stored. One HGETALL
         // per page, fine for the thousands of entries this is made for.
-        Ok(self.dump().await?.page(cursor, limit, unix_now()))
+        Ok(self.dump().await?.set.page(cursor, limit, unix_now()))
     }
 
     fn is_revoked(
@@ -434,6 +561,13 @@ struct MirrorTask {
     sequence: u64,
     /// Heartbeats sent on the current subscription and not seen back yet, oldest first.
     outstanding: VecDeque<(u64, Instant)>,
+    /// The hash's epoch the mirror holds; `None` before the first resync.
+    epoch: Option<String>,
+    /// The last change of that epoch the mirror holds.
+    changes: u64,
+    /// A message said the mirror may not match Redis (another epoch, a change skipped, a
+    /// write-back): resync before anything else.
+    suspect: bool,
 }
 
 type Messages = tokio::sync::broadcast::Receiver<fred::types::Message>;
@@ -447,7 +581,12 @@ impl MirrorTask {
             tokio::select! {
                 biased;
                 message = messages.recv() => match message {
-                    Ok(message) => self.handle(&message),
+                    Ok(message) => {
+                        self.handle(&message);
+                        if self.suspect && self.subscribed {
+                            self.resync().await;
+                        }
+                    }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "revocation events overflowed; resyncing");
                         self.lost_subscription();
@@ -472,7 +611,7 @@ impl MirrorTask {
                     }
                     if !self.subscribed {
                         self.establish(&mut messages).await;
-                    } else if self.last_resync.is_none_or(|t| t.elapsed() >= RESYNC_EVERY) {
+                    } else if self.suspect || self.last_resync.is_none_or(|t| t.elapsed() >= RESYNC_EVERY) {
                         self.resync().await;
                     }
                     if self.subscribed {
@@ -516,19 +655,92 @@ impl MirrorTask {
         }
     }
 
-    /// Replaces the mirror with the hash. True when it worked.
+    /// Replaces the mirror with the hash, after writing the mirror back if Redis lost writes
+    /// the mirror holds. True when it worked.
     async fn resync(&mut self) -> bool {
-        match dump(&self.connection, &self.scripts.dump).await {
-            Ok(set) => {
-                *self.mirror.write() = set;
-                self.last_resync = Some(Instant::now());
-                true
-            }
+        let dumped = match dump(&self.connection, &self.scripts.dump).await {
+            Ok(dumped) => dumped,
             Err(error) => {
                 tracing::warn!(%error, "cannot load the revocations from redis");
-                false
+                return false;
             }
+        };
+        let dumped = match self.lost_writes(&dumped) {
+            None => dumped,
+            Some(what) => {
+                // The mirror is left as it is until the write-back is done: it keeps
+                // enforcing what it holds meanwhile.
+                let entries = self.mirror.read().fields().count();
+                tracing::error!(
+                    "redis lost revocations ({what}): writing back the {entries} this replica holds; signed requests fail closed until nonces recorded before the loss can no longer be replayed"
+                );
+                if let Err(error) = self.write_back().await {
+                    tracing::warn!(%error, "cannot write the revocations back to redis");
+                    return false;
+                }
+                match dump(&self.connection, &self.scripts.dump).await {
+                    Ok(dumped) => dumped,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot load the revocations from redis");
+                        return false;
+                    }
+                }
+            }
+        };
+        if let Some(lost_at) = dumped.lost_at {
+            // The server's clock says how long ago; this machine's clock says when.
+            let ago = dumped.server_now.saturating_sub(lost_at).max(0);
+            self.connection
+                .note_data_loss(unix_now().saturating_sub(ago));
         }
+        *self.mirror.write() = dumped.set;
+        self.epoch = Some(dumped.epoch);
+        self.changes = dumped.changes;
+        self.suspect = false;
+        self.last_resync = Some(Instant::now());
+        true
+    }
+
+    /// What Redis lost, when the dump holds less than the mirror has seen: another epoch (the
+    /// hash was gone: a restart without persistence, a flush, a failover to a replica that
+    /// never had it), or an earlier change of the same one (a failover to a replica that had
+    /// not caught up, a restart from an older snapshot). `None` before the first resync.
+    fn lost_writes(&self, dumped: &Dump) -> Option<String> {
+        let epoch = self.epoch.as_deref()?;
+        if dumped.epoch != epoch {
+            Some(format!(
+                "its revocation hash was made anew: epoch {epoch} is gone, {} is there",
+                dumped.epoch
+            ))
+        } else if dumped.changes < self.changes {
+            Some(format!(
+                "its revocation hash went back from change {} to change {}",
+                self.changes, dumped.changes
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Writes every entry of the mirror back to the hash ([`RESTORE`]), in chunks.
+    async fn write_back(&self) -> Result<(), StoreError> {
+        let entries: Vec<(String, i64)> = self.mirror.read().fields().collect();
+        let mut chunks = entries.chunks(RESTORE_CHUNK).peekable();
+        // At least one call, even with an empty mirror: it records the loss for the nonces.
+        let empty: &[(String, i64)] = &[];
+        let first = chunks.peek().is_none().then_some(empty);
+        for chunk in first.into_iter().chain(chunks) {
+            let mut args = vec![new_epoch(), self.changes.to_string(), CHANNEL.to_owned()];
+            for (field, value) in chunk {
+                args.push(field.clone());
+                args.push(value.to_string());
+            }
+            let _changes: i64 = self
+                .connection
+                .run_script(&self.scripts.restore, vec![HASH.to_owned()], args)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn send_heartbeat(&mut self) {
@@ -558,47 +770,117 @@ impl MirrorTask {
         let Ok(text) = message.value.clone().convert::<String>() else {
             return;
         };
-        match parse_event(&text) {
-            Some(Event::Set(r)) => self.mirror.write().set(&r),
-            Some(Event::Removed(field)) => self.mirror.write().remove_field(field),
-            Some(Event::Heartbeat { instance, sequence }) if instance == self.instance => {
-                if let Some(&(_, sent)) = self.outstanding.iter().find(|(s, _)| *s == sequence) {
-                    self.outstanding.retain(|(s, _)| *s > sequence);
-                    self.mirror.confirm(sent);
+        let Some(event) = parse_event(&text) else {
+            tracing::warn!(event = %text, "ignoring an unreadable revocation event");
+            return;
+        };
+        // Before the first resync there is nothing to compare with: the resync loads it all.
+        let Some(epoch) = self.epoch.as_deref() else {
+            return;
+        };
+        match event {
+            Event::Set { epoch: e, .. } | Event::Removed { epoch: e, .. } if e != epoch => {
+                // Changes of another epoch: Redis lost the hash this mirror came from.
+                self.suspect = true;
+            }
+            Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.changes => {
+                // Already in the mirror: published before the dump it holds was taken.
+            }
+            Event::Set { change, entry, .. } => {
+                self.mirror.write().set(&entry);
+                self.applied(change);
+            }
+            Event::Removed { change, field, .. } => {
+                self.mirror.write().remove_field(field);
+                self.applied(change);
+            }
+            Event::Heartbeat {
+                instance,
+                sequence,
+                epoch: e,
+            } => {
+                if e != epoch {
+                    // Sent while Redis held another epoch (or none): the mirror is not current,
+                    // or the heartbeat is older than the last resync; a resync tells which.
+                    self.suspect = true;
+                } else if instance == self.instance {
+                    if let Some(&(_, sent)) = self.outstanding.iter().find(|(s, _)| *s == sequence)
+                    {
+                        self.outstanding.retain(|(s, _)| *s > sequence);
+                        self.mirror.confirm(sent);
+                    }
                 }
             }
-            Some(Event::Heartbeat { .. }) => {}
-            None => tracing::warn!(event = %text, "ignoring an unreadable revocation event"),
+            Event::WrittenBack => self.suspect = true,
         }
+    }
+
+    /// Records that change `change` is in the mirror; one skipped means an event was lost.
+    fn applied(&mut self, change: u64) {
+        if change > self.changes + 1 {
+            self.suspect = true;
+        }
+        self.changes = change;
     }
 }
 
-/// One message on [`CHANNEL`].
+/// One message on [`CHANNEL`]. `epoch` and `change` say where the hash stood when it was sent.
 #[derive(Debug, PartialEq, Eq)]
 enum Event<'a> {
-    /// `s:<value>:<field>`: the entry now holds this.
-    Set(Revocation),
-    /// `d:<field>`: the entry is gone.
-    Removed(&'a str),
-    /// `h:<instance>:<sequence>`.
-    Heartbeat { instance: &'a str, sequence: u64 },
+    /// `s:<epoch>:<change>:<value>:<field>`: the entry now holds this.
+    Set {
+        epoch: &'a str,
+        change: u64,
+        entry: Revocation,
+    },
+    /// `d:<epoch>:<change>:<field>`: the entry is gone.
+    Removed {
+        epoch: &'a str,
+        change: u64,
+        field: &'a str,
+    },
+    /// `h:<instance>:<sequence>:<epoch>` (the epoch empty when the hash was gone).
+    Heartbeat {
+        instance: &'a str,
+        sequence: u64,
+        epoch: &'a str,
+    },
+    /// `r:<epoch>`: a replica wrote its mirror back after a loss.
+    WrittenBack,
 }
 
 fn parse_event(text: &str) -> Option<Event<'_>> {
     let (kind, rest) = text.split_once(':')?;
     match kind {
         "s" => {
+            let (epoch, rest) = rest.split_once(':')?;
+            let (change, rest) = rest.split_once(':')?;
             let (value, field) = rest.split_once(':')?;
-            Revocation::from_field(field, value.parse().ok()?).map(Event::Set)
+            Some(Event::Set {
+                epoch,
+                change: change.parse().ok()?,
+                entry: Revocation::from_field(field, value.parse().ok()?)?,
+            })
         }
-        "d" => Some(Event::Removed(rest)),
+        "d" => {
+            let (epoch, rest) = rest.split_once(':')?;
+            let (change, field) = rest.split_once(':')?;
+            Some(Event::Removed {
+                epoch,
+                change: change.parse().ok()?,
+                field,
+            })
+        }
         "h" => {
-            let (instance, sequence) = rest.split_once(':')?;
+            let (instance, rest) = rest.split_once(':')?;
+            let (sequence, epoch) = rest.split_once(':')?;
             Some(Event::Heartbeat {
                 instance,
                 sequence: sequence.parse().ok()?,
+                epoch,
             })
         }
+        "r" => Some(Event::WrittenBack),
         _ => None,
     }
 }
@@ -610,21 +892,45 @@ mod tests {
     #[test]
     fn events_parse() {
         assert_eq!(
-            parse_event("s:-5:sub:a:b"),
-            Some(Event::Set(Revocation::Subject {
-                sub: "a:b".into(),
-                before: -5
-            }))
-        );
-        assert_eq!(parse_event("d:jti:x"), Some(Event::Removed("jti:x")));
-        assert_eq!(
-            parse_event("h:abc:7"),
-            Some(Event::Heartbeat {
-                instance: "abc",
-                sequence: 7
+            parse_event("s:e1:7:-5:sub:a:b"),
+            Some(Event::Set {
+                epoch: "e1",
+                change: 7,
+                entry: Revocation::Subject {
+                    sub: "a:b".into(),
+                    before: -5
+                }
             })
         );
-        assert_eq!(parse_event("s:x:jti:a"), None);
+        assert_eq!(
+            parse_event("d:e1:8:jti:x"),
+            Some(Event::Removed {
+                epoch: "e1",
+                change: 8,
+                field: "jti:x"
+            })
+        );
+        assert_eq!(
+            parse_event("h:abc:7:e1"),
+            Some(Event::Heartbeat {
+                instance: "abc",
+                sequence: 7,
+                epoch: "e1"
+            })
+        );
+        assert_eq!(
+            parse_event("h:abc:7:"),
+            Some(Event::Heartbeat {
+                instance: "abc",
+                sequence: 7,
+                epoch: ""
+            })
+        );
+        assert_eq!(parse_event("r:e2"), Some(Event::WrittenBack));
+        // The layout of earlier builds, and broken ones.
+        assert_eq!(parse_event("s:-5:jti:a"), None);
+        assert_eq!(parse_event("h:abc:7"), None);
+        assert_eq!(parse_event("s:e1:x:5:jti:a"), None);
         assert_eq!(parse_event("z:1"), None);
     }
 }

@@ -259,6 +259,19 @@ impl RevocationSet {
         }
     }
 
+    /// Every entry as its Redis field and value (`jti:<jti>` -> exp, `sub:<sub>` -> before).
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (String, i64)> + '_ {
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|(jti, exp)| (format!("jti:{jti}"), *exp));
+        let subjects = self
+            .subjects
+            .iter()
+            .map(|(sub, before)| (format!("sub:{sub}"), *before));
+        tokens.chain(subjects)
+    }
+
     /// Forgets token revocations whose token can no longer pass the JWT check.
     pub(crate) fn prune(&mut self, now: i64) {
         self.tokens.retain(|_, exp| !expired(*exp, now));
