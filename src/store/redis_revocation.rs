@@ -668,8 +668,10 @@ impl MirrorTask {
         let dumped = match self.lost_writes(&dumped) {
             None => dumped,
             Some(what) => {
-                // The mirror is left as it is until the write-back is done: it keeps
-                // enforcing what it holds meanwhile.
+                // Recorded here as well as in the hash: the nonces fail closed even when the
+                // write-back below fails. The mirror is left as it is until the write-back is
+                // done: it keeps enforcing what it holds meanwhile.
+                self.connection.note_data_loss(unix_now());
                 let entries = self.mirror.read().fields().count();
                 tracing::error!(
                     "redis lost revocations ({what}): writing back the {entries} this replica holds; signed requests fail closed until nonces recorded before the loss can no longer be replayed"
