@@ -618,6 +618,27 @@ async fn nonces_refused_until_the_ttl_has_passed(stores: &[&store::Stores], reco
             "replica {i}: a new nonce cannot be told from a lost one"
         );
     }
+    // A signature made since the loss cannot replay a nonce recorded before it: only those
+    // signed before the loss plus the window (TTL / 2, with a margin) are refused.
+    let now = now() as u64;
+    match stores[0]
+        .nonces
+        .record_signed("client-1", "signed-now", NONCE_TTL, now)
+        .await
+    {
+        Err(StoreError::Unavailable { reason }) => {
+            assert!(reason.contains("signed at or before"), "{reason}")
+        }
+        other => panic!("a request signed at the loss answered {other:?}"),
+    }
+    assert_eq!(
+        stores[0]
+            .nonces
+            .record_signed("client-1", "signed-later", NONCE_TTL, now + 6)
+            .await,
+        Ok(NonceOutcome::Fresh),
+        "a request signed after the window of the loss is not refused"
+    );
     let refused = Instant::now();
     let mut n = 0;
     let fresh = loop {

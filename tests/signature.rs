@@ -568,9 +568,28 @@ async fn two_proxy_processes_share_nonces_through_one_redis() {
     assert_eq!(upstream.count(), 1);
 }
 
+/// Redis with an append-only file written before each reply: it comes back with everything
+/// it answered, so the proxy has no lost nonces to fear after a restart.
+async fn persistent_redis(dir: &std::path::Path) -> RedisServer {
+    let dir = dir.to_str().unwrap();
+    RedisServer::start_with(
+        support::redis::free_port(),
+        &[
+            "--dir",
+            dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_closed_fast_and_recovers_without_a_restart() {
-    let mut redis = RedisServer::start().await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let mut redis = persistent_redis(redis_dir.path()).await;
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy =
@@ -621,6 +640,89 @@ async fn redis_down_fails_closed_fast_and_recovers_without_a_restart() {
     assert!(
         metrics.contains(r#"portcullis_signature_checks_total{result="store_unavailable"}"#),
         "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+/// Redis restarted without persistence has forgotten every nonce. The proxy finds the loss (the
+/// revocation mirror's epoch) and refuses the requests that could replay a forgotten nonce:
+/// those signed before the loss plus `max_skew`. A replay is refused, never passed; requests
+/// signed later pass again, with no restart of the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_refuses_what_could_replay_a_lost_nonce() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        config(&upstream, &redis_store(&redis)).replace("max_skew = \"300s\"", "max_skew = \"8s\"");
+    let proxy = TestProxy::start(&text, dir.path(), &env()).await;
+    wait_ready(&proxy.admin_url("/readyz")).await;
+    let host = proxy.addr.to_string();
+    let first = signed("GET", "/signed/before", &host, b"");
+    assert_eq!(send_signed(proxy.addr, &first, "").await.status, 200);
+
+    redis.restart().await;
+    let restarted = Instant::now();
+    let mut n = 0;
+    let found = loop {
+        n += 1;
+        let response = send_signed(
+            proxy.addr,
+            &signed("GET", &format!("/signed/{n}"), &host, b""),
+            "",
+        )
+        .await;
+        if response.status == 503 && response.body.contains("lost its data") {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(2),
+            "the loss was not found: {} {}",
+            response.status,
+            response.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("loss found {found:?} after the restart");
+    assert_refused(
+        &send_signed(proxy.addr, &first, "").await,
+        503,
+        "store_unavailable",
+    );
+    let passed = upstream.count();
+    let recovered = loop {
+        n += 1;
+        let response = send_signed(
+            proxy.addr,
+            &signed("GET", &format!("/signed/{n}"), &host, b""),
+            "",
+        )
+        .await;
+        if response.status == 200 {
+            break restarted.elapsed();
+        }
+        assert_refused(&response, 503, "store_unavailable");
+        // Refused until the loss plus max_skew plus a margin of 3 s: about 11 s. Not until
+        // the lost nonces' TTL (2 x max_skew) has passed: only a request signed before the
+        // loss plus max_skew can replay one.
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "still refused {:?} after the restart",
+            restarted.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("signed requests pass again {recovered:?} after the restart");
+    assert!(
+        recovered >= Duration::from_secs(8),
+        "refused for less than max_skew: {recovered:?}"
+    );
+    assert_eq!(upstream.count(), passed + 1);
+    // The first request is now out of the window, as any replay of a lost nonce is.
+    assert_refused(
+        &send_signed(proxy.addr, &first, "").await,
+        401,
+        "timestamp_out_of_window",
     );
     proxy.stop().await;
 }

@@ -237,6 +237,8 @@ pub struct VerifiedSignature {
     pub key_id: String,
     /// The nonce to record once.
     pub nonce: String,
+    /// The signature's `ts`, Unix seconds.
+    pub ts: u64,
 }
 
 /// The request as the signature covers it.
@@ -349,6 +351,7 @@ impl SignatureVerifier {
             client: key.client.clone(),
             key_id: key.id.clone(),
             nonce: params.nonce.to_owned(),
+            ts: params.ts,
         })
     }
 }
@@ -511,7 +514,8 @@ mod tests {
                 VerifiedSignature {
                     client: "client-42".into(),
                     key_id: "k-1".into(),
-                    nonce: NONCE.into()
+                    nonce: NONCE.into(),
+                    ts: 1764000000,
                 }
             );
         }

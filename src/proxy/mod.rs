@@ -684,10 +684,11 @@ impl Proxy {
     ) -> Result<(), Rejection> {
         match self
             .nonces
-            .record_once(
+            .record_signed(
                 &verified.key_id,
                 &verified.nonce,
                 self.signatures.nonce_ttl(),
+                verified.ts,
             )
             .await
         {

@@ -87,6 +87,21 @@ pub trait NonceStore: Send + Sync + std::fmt::Debug {
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError>;
 
+    /// [`NonceStore::record_once`] for the nonce of a signature made at `signed_at` (its `ts`,
+    /// Unix seconds). A store that lost nonces uses the time to tell which requests could
+    /// replay one of them (those signed before the loss plus `ttl / 2`, the signature
+    /// window), and refuses only those, where `record_once` has to refuse every nonce until
+    /// the lost ones are past their TTL.
+    async fn record_signed(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+        _signed_at: u64,
+    ) -> Result<NonceOutcome, StoreError> {
+        self.record_once(key_id, nonce, ttl).await
+    }
+
     /// Checks that the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

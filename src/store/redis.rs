@@ -21,8 +21,10 @@
 //! - **Lost data fails closed.** A Redis that loses writes (restarted without persistence,
 //!   failed over to a replica that had not caught up, flushed) forgets nonces that may still
 //!   be replayed. The revocation mirror finds such a loss (`redis_revocation`) and records it
-//!   on the connection; every nonce is then refused as unavailable until the nonces recorded
-//!   before the loss have passed their TTL (2 x max_skew).
+//!   on the connection. [`NonceStore::record_signed`] then refuses, as unavailable, the nonce
+//!   of a signature made no later than the loss plus the window (TTL / 2, and a margin), which
+//!   could be a replay; [`NonceStore::record_once`], which has no signature time, refuses every
+//!   nonce until those recorded before the loss have passed their TTL (2 x max_skew).
 //! - **Reconnect forever.** Exponential backoff from 50 ms to 1 s, no attempt limit, also for
 //!   the first connection, so a Redis that is down at start or restarted later is picked up
 //!   without restarting the proxy.
@@ -350,18 +352,25 @@ impl RedisConnection {
         self.inner.data_lost_at.fetch_max(at, Ordering::Relaxed);
     }
 
-    /// `Some((since, left))` when writes were lost `since` seconds ago and a nonce kept for
-    /// `ttl` that was recorded before could still be replayed for `left` more seconds.
-    fn nonces_lost(&self, ttl: Duration) -> Option<(i64, i64)> {
+    /// When writes were lost, if a nonce kept for `ttl` that was recorded before could still
+    /// be replayed: `Some(LostNonces)`.
+    fn nonces_lost(&self, ttl: Duration) -> Option<LostNonces> {
         let at = self.inner.data_lost_at.load(Ordering::Relaxed);
         if at == NO_LOSS {
             return None;
         }
         let now = super::revocation::unix_now();
-        // A second more than the TTL: the loss time is whole seconds, rounded down.
-        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        let until = at.saturating_add(ttl).saturating_add(2);
-        (now < until).then(|| (now.saturating_sub(at), until - now))
+        // Two seconds more than the TTL: the loss time is whole seconds, rounded down, and the
+        // replicas' clocks may differ a little.
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let until = at.saturating_add(ttl_secs).saturating_add(2);
+        (now < until).then(|| LostNonces {
+            since: now.saturating_sub(at),
+            left: until - now,
+            // A nonce recorded at or before `at` passed the signature window then, so it was
+            // signed no later than `at` plus the window (half the TTL).
+            signed_until: at.saturating_add(ttl_secs / 2 + 1).saturating_add(2),
+        })
     }
 
     /// PING through the pool, for `/readyz`.
@@ -369,6 +378,17 @@ impl RedisConnection {
         let _: String = self.bounded(self.client().ping(None)).await?;
         Ok(())
     }
+}
+
+/// What [`RedisConnection::nonces_lost`] found, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct LostNonces {
+    /// How long ago the loss was found.
+    since: i64,
+    /// How much longer a nonce recorded before could be replayed.
+    left: i64,
+    /// The latest signature time (Unix seconds) a nonce recorded before can carry.
+    signed_until: i64,
 }
 
 /// A Lua script and its SHA1, computed once.
@@ -500,13 +520,49 @@ impl NonceStore for RedisNonceStore {
         nonce: &str,
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
-        if let Some((since, left)) = self.connection.nonces_lost(ttl) {
+        if let Some(lost) = self.connection.nonces_lost(ttl) {
             return Err(StoreError::Unavailable {
                 reason: format!(
-                    "redis lost its data {since} s ago, and a nonce recorded before could be replayed for {left} s more"
+                    "redis lost its data {} s ago, and a nonce recorded before could be replayed for {} s more",
+                    lost.since, lost.left
                 ),
             });
         }
+        self.set_once(key_id, nonce, ttl).await
+    }
+
+    async fn record_signed(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+        signed_at: u64,
+    ) -> Result<NonceOutcome, StoreError> {
+        let signed_at = i64::try_from(signed_at).unwrap_or(i64::MAX);
+        match self.connection.nonces_lost(ttl) {
+            Some(lost) if signed_at <= lost.signed_until => Err(StoreError::Unavailable {
+                reason: format!(
+                    "redis lost its data {} s ago, and a request signed at or before {} could replay a nonce recorded before (requests signed later pass)",
+                    lost.since, lost.signed_until
+                ),
+            }),
+            _ => self.set_once(key_id, nonce, ttl).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.connection.ping().await
+    }
+}
+
+impl RedisNonceStore {
+    /// The `SET NX` itself.
+    async fn set_once(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        ttl: Duration,
+    ) -> Result<NonceOutcome, StoreError> {
         // The nonce alphabet (A-Z a-z 0-9 - _) has no ':', so the last ':' splits the key
         // unambiguously whatever the key id holds.
         let key = format!("portcullis:nonce:{key_id}:{nonce}");
@@ -526,10 +582,6 @@ impl NonceStore for RedisNonceStore {
             Some(_) => NonceOutcome::Fresh,
             None => NonceOutcome::Replayed,
         })
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.connection.ping().await
     }
 }
 
