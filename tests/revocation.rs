@@ -761,6 +761,131 @@ async fn a_flushed_redis_gets_the_revocations_back_and_refuses_nonces_meanwhile(
     nonces_refused_until_the_ttl_has_passed(&[&a], recorded).await;
 }
 
+/// Between Redis coming back empty and the mirror finding the loss, the nonce store's own
+/// connections are up again: a nonce asked for then must not pass as fresh. After any loss or
+/// reconnect of a connection, nonces wait for a resync that compared the hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_right_after_an_empty_restart_is_never_fresh() {
+    use portcullis::store::NonceOutcome;
+    let mut server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let recorded = "nonce-before-the-restart";
+    assert_eq!(
+        a.nonces.record_once("client-1", recorded, NONCE_TTL).await,
+        Ok(NonceOutcome::Fresh)
+    );
+    server.restart().await;
+    let restarted = Instant::now();
+    let mut answers = 0;
+    while restarted.elapsed() < Duration::from_secs(2) {
+        let replay = a.nonces.record_once("client-1", recorded, NONCE_TTL).await;
+        assert_ne!(
+            replay,
+            Ok(NonceOutcome::Fresh),
+            "{:?} after the restart",
+            restarted.elapsed()
+        );
+        let signed = a
+            .nonces
+            .record_signed("client-1", recorded, NONCE_TTL, now() as u64)
+            .await;
+        assert_ne!(
+            signed,
+            Ok(NonceOutcome::Fresh),
+            "{:?} after the restart",
+            restarted.elapsed()
+        );
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(answers > 100, "only {answers} tries");
+    assert!(
+        !hget(server.port, "~lost").is_empty(),
+        "the loss was found and recorded"
+    );
+}
+
+/// Redis gone back to an older state of the same epoch (an older snapshot loaded in place, a
+/// failover to a replica that had not caught up) with no connection lost: the heartbeats carry
+/// the change count, and one below what the mirror has seen is a loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_back_without_a_reconnect_is_found_by_the_heartbeats() {
+    let server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    let exp = (t + 600).to_string();
+    for jti in ["jti-b1", "jti-b2", "jti-b3"] {
+        a.revocations.revoke(&token(jti, t + 600)).await.unwrap();
+    }
+    let changes: u64 = hget(server.port, "~gen").parse().unwrap();
+    // As the older state would hold it: the first revocation, and the count it had then.
+    let back = support::redis::redis_cli(
+        server.port,
+        &[
+            "eval",
+            "redis.call('HDEL', KEYS[1], 'jti:jti-b2', 'jti:jti-b3'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
+            "1",
+            "{portcullis}:revocations",
+            &(changes - 2).to_string(),
+        ],
+    );
+    assert_eq!(back.trim(), "1");
+    let took = eventually("the later revocations are back in redis", || {
+        hget(server.port, "jti:jti-b2") == exp && hget(server.port, "jti:jti-b3") == exp
+    })
+    .await;
+    eprintln!("written back {took:?} after redis went back");
+    assert!(
+        took < Duration::from_secs(3),
+        "found by the heartbeats, not the 30 s resync: {took:?}"
+    );
+    assert_ne!(hget(server.port, "~lost"), "");
+    wait_current(&a.revocations).await;
+    for jti in ["jti-b1", "jti-b2", "jti-b3"] {
+        assert_eq!(
+            a.revocations.is_revoked(Some(jti), None, None, t),
+            Ok(true),
+            "{jti}"
+        );
+    }
+}
+
+/// A value no script wrote (a hand edit) neither stops a revoke of its entry nor a write-back
+/// over it: it counts as no value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_value_in_the_hash_is_replaced() {
+    let server = RedisServer::start().await;
+    let a = redis_stores(server.url()).await;
+    wait_current(&a.revocations).await;
+    let t = now();
+    let exp = (t + 600).to_string();
+    support::redis::redis_cli(
+        server.port,
+        &["hset", "{portcullis}:revocations", "jti:jti-u1", "soon"],
+    );
+    a.revocations
+        .revoke(&token("jti-u1", t + 600))
+        .await
+        .unwrap();
+    assert_eq!(hget(server.port, "jti:jti-u1"), exp);
+    // The write-back after a flush, over a hand edit made right after it.
+    assert_eq!(
+        support::redis::redis_cli(server.port, &["flushdb"]).trim(),
+        "OK"
+    );
+    support::redis::redis_cli(
+        server.port,
+        &["hset", "{portcullis}:revocations", "jti:jti-u1", "soon"],
+    );
+    eventually(
+        "the revocation is written back over the unreadable value",
+        || hget(server.port, "jti:jti-u1") == exp,
+    )
+    .await;
+}
+
 /// A hash made anew counts as a loss however many changes it has had since: a replica that
 /// finds the loss late (another replica created the new hash and revoked more than this one
 /// had seen) still writes back what it holds.

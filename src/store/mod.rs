@@ -112,6 +112,9 @@ pub trait NonceStore: Send + Sync + std::fmt::Debug {
 /// moment for it to come up): a Redis that is down at start does not keep the proxy from
 /// starting. Its store keeps reconnecting in the background and answers every call with an
 /// error until it is up, so requests that need it fail closed meanwhile.
+///
+/// A Redis nonce store built alone has no revocation mirror to notice a Redis that lost its
+/// data (see [`redis`]): the proxy builds its stores with [`connect_all`].
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn NonceStore>, StoreError> {
     match &config.backend {
         StoreBackend::Memory => Ok(Arc::new(MemoryNonceStore::with_capacity(config.max_nonces))),

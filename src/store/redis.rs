@@ -29,7 +29,7 @@
 //!   the first connection, so a Redis that is down at start or restarted later is picked up
 //!   without restarting the proxy.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +97,29 @@ struct Shared {
     /// When Redis was last found to have lost writes, in Unix seconds by this machine's clock
     /// ([`NO_LOSS`] when never): see [`RedisConnection::note_data_loss`].
     data_lost_at: AtomicI64,
+    /// The pool's connection losses and reconnects, and how many the revocation mirror has
+    /// checked: see [`RedisConnection::unchecked_reconnect`].
+    continuity: Arc<Continuity>,
+}
+
+/// Connection events of the pool (errors and reconnects): after one, Redis may be another
+/// server, or the same one restarted empty, until the revocation mirror has compared the hash
+/// with what it saw.
+#[derive(Debug, Default)]
+pub(crate) struct Continuity {
+    events: AtomicU64,
+    checked: AtomicU64,
+    /// A revocation mirror runs on this connection and checks: without one, nothing is held.
+    watched: AtomicBool,
+    /// Woken at each event, so that the mirror checks at once.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl Continuity {
+    fn record(&self) {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
 }
 
 /// [`Shared::data_lost_at`] when no loss was ever seen.
@@ -147,8 +170,21 @@ impl RedisConnection {
             .map_err(|e| StoreError::InvalidUrl {
                 reason: e.details().to_owned(),
             })?;
+        let continuity = Arc::new(Continuity::default());
         for client in pool.clients() {
             log_connection_events(client, &target);
+            // Counted from their own tasks: an error comes when the connection goes, at least
+            // the first reconnect delay (50 ms) before the next connection can carry a command.
+            let on_error = continuity.clone();
+            client.on_error(move |_| {
+                on_error.record();
+                async { Ok(()) }
+            });
+            let on_reconnect = continuity.clone();
+            client.on_reconnect(move |_| {
+                on_reconnect.record();
+                async { Ok(()) }
+            });
         }
         let drivers = pool.connect_pool();
         let connected = tokio::time::timeout(CONNECT_GRACE, pool.wait_for_connect())
@@ -166,6 +202,7 @@ impl RedisConnection {
                 timeout,
                 target,
                 data_lost_at: AtomicI64::new(NO_LOSS),
+                continuity,
             }),
         };
         connection.watch_eviction_policy(connected).await;
@@ -350,6 +387,33 @@ impl RedisConnection {
     /// replayed. The latest loss seen counts.
     pub(crate) fn note_data_loss(&self, at: i64) {
         self.inner.data_lost_at.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// The pool's connection events so far; the mirror reads it before a resync.
+    pub(crate) fn connection_events(&self) -> u64 {
+        self.inner.continuity.events.load(Ordering::SeqCst)
+    }
+
+    /// Records that the mirror has compared the hash with what it saw after `events`
+    /// connection events (and that a mirror watches this connection).
+    pub(crate) fn checked_through(&self, events: u64) {
+        let continuity = &self.inner.continuity;
+        continuity.checked.fetch_max(events, Ordering::SeqCst);
+        continuity.watched.store(true, Ordering::SeqCst);
+    }
+
+    /// What the mirror waits on to check again after a connection event.
+    pub(crate) fn continuity(&self) -> Arc<Continuity> {
+        self.inner.continuity.clone()
+    }
+
+    /// True after a connection loss or reconnect of the pool that the revocation mirror has
+    /// not checked yet: Redis may have restarted empty, and a nonce recorded before could be
+    /// replayed. Only with a mirror on the connection (the proxy's stores).
+    fn unchecked_reconnect(&self) -> bool {
+        let continuity = &self.inner.continuity;
+        continuity.watched.load(Ordering::Relaxed)
+            && continuity.events.load(Ordering::SeqCst) > continuity.checked.load(Ordering::SeqCst)
     }
 
     /// When writes were lost, if a nonce kept for `ttl` that was recorded before could still
@@ -556,13 +620,18 @@ impl NonceStore for RedisNonceStore {
 }
 
 impl RedisNonceStore {
-    /// The `SET NX` itself.
+    /// The `SET NX` itself, once the connection is known to reach the data it had.
     async fn set_once(
         &self,
         key_id: &str,
         nonce: &str,
         ttl: Duration,
     ) -> Result<NonceOutcome, StoreError> {
+        if self.connection.unchecked_reconnect() {
+            return Err(StoreError::Unavailable {
+                reason: "the connection to redis was lost and made again, and the revocation mirror has not yet checked that redis kept its data".to_owned(),
+            });
+        }
         // The nonce alphabet (A-Z a-z 0-9 - _) has no ':', so the last ':' splits the key
         // unambiguously whatever the key id holds.
         let key = format!("portcullis:nonce:{key_id}:{nonce}");

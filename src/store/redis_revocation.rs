@@ -26,7 +26,7 @@
 //!   overflowed, and every [`RESYNC_EVERY`]. Subscribing first means no change falls between
 //!   the snapshot and the events that follow it.
 //! - publishes a heartbeat of its own every `revocation_max_lag / 4` (between 50 ms and 1 s),
-//!   through the same script path as the changes, with the hash's epoch (`h:<instance>:<sequence>:<epoch>`).
+//!   through the same script path as the changes, with the hash's epoch and change count (`h:<instance>:<sequence>:<epoch>:<changes>`).
 //!   When its own heartbeat comes back on the
 //!   subscription, every change published before that heartbeat was sent has been applied: the
 //!   mirror is confirmed current as of the heartbeat's send time.
@@ -107,10 +107,10 @@ end
 const REVOKE: &str = with_epoch!(
     r"
 local e = epoch()
-local stored = redis.call('HGET', KEYS[1], ARGV[2])
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[2]))
 local value = ARGV[3]
-if stored and tonumber(stored) >= tonumber(value) then
-  value = stored
+if stored and stored >= tonumber(value) then
+  value = tostring(stored)
 else
   redis.call('HSET', KEYS[1], ARGV[2], value)
 end
@@ -178,8 +178,8 @@ const RESTORE: &str = with_epoch!(
     r"
 local e = epoch()
 for i = 4, #ARGV, 2 do
-  local stored = redis.call('HGET', KEYS[1], ARGV[i])
-  if not stored or tonumber(stored) < tonumber(ARGV[i + 1]) then
+  local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  if not stored or stored < tonumber(ARGV[i + 1]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -200,10 +200,11 @@ return gen + 1
 );
 
 /// KEYS[1]: the hash (to run on its node, and for its epoch). ARGV: channel, message. The
-/// message goes out with `:<epoch>` appended, empty when the hash is gone.
+/// message goes out with `:<epoch>:<changes>` appended, both empty when the hash is gone.
 const HEARTBEAT: &str = r"
 local e = redis.call('HGET', KEYS[1], '~epoch') or ''
-return redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':' .. e)
+local gen = redis.call('HGET', KEYS[1], '~gen') or ''
+return redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':' .. e .. ':' .. gen)
 ";
 
 /// Entries written back by one [`RESTORE`] call.
@@ -374,6 +375,9 @@ impl RedisRevocationStore {
             outstanding: VecDeque::new(),
             epoch: None,
             changes: 0,
+            dumped: 0,
+            dumped_at: None,
+            evented: 0,
             suspect: false,
         };
         let task = tokio::spawn(task.run(messages, reconnects));
@@ -565,6 +569,12 @@ struct MirrorTask {
     epoch: Option<String>,
     /// The last change of that epoch the mirror holds.
     changes: u64,
+    /// The change count of the last dump: an event at or below it is in the mirror already.
+    dumped: u64,
+    /// When the last dump came back.
+    dumped_at: Option<Instant>,
+    /// The highest change applied from an event since the last dump (0 when none).
+    evented: u64,
     /// A message said the mirror may not match Redis (another epoch, a change skipped, a
     /// write-back): resync before anything else.
     suspect: bool,
@@ -575,6 +585,7 @@ type Reconnects = tokio::sync::broadcast::Receiver<fred::types::config::Server>;
 
 impl MirrorTask {
     async fn run(mut self, mut messages: Messages, mut reconnects: Reconnects) {
+        let continuity = self.connection.continuity();
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -618,6 +629,11 @@ impl MirrorTask {
                         self.send_heartbeat().await;
                     }
                 }
+                // The pool lost or made a connection: nonces wait until a resync has compared
+                // the hash with what the mirror saw.
+                () = continuity.changed.notified(), if self.subscribed => {
+                    self.resync().await;
+                }
                 // Last: a stream of admin calls must not hold up the resync, the check for a
                 // silent subscription or a reconnect.
                 () = self.mirror.kick.notified(), if self.subscribed => {
@@ -658,6 +674,8 @@ impl MirrorTask {
     /// Replaces the mirror with the hash, after writing the mirror back if Redis lost writes
     /// the mirror holds. True when it worked.
     async fn resync(&mut self) -> bool {
+        // Read before the dump: a connection event after it is checked by the next resync.
+        let events = self.connection.connection_events();
         let dumped = match dump(&self.connection, &self.scripts.dump).await {
             Ok(dumped) => dumped,
             Err(error) => {
@@ -698,8 +716,12 @@ impl MirrorTask {
         *self.mirror.write() = dumped.set;
         self.epoch = Some(dumped.epoch);
         self.changes = dumped.changes;
+        self.dumped = dumped.changes;
+        self.dumped_at = Some(Instant::now());
+        self.evented = 0;
         self.suspect = false;
         self.last_resync = Some(Instant::now());
+        self.connection.checked_through(events);
         true
     }
 
@@ -785,8 +807,14 @@ impl MirrorTask {
                 // Changes of another epoch: Redis lost the hash this mirror came from.
                 self.suspect = true;
             }
-            Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.changes => {
+            Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.dumped => {
                 // Already in the mirror: published before the dump it holds was taken.
+            }
+            Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.changes => {
+                // A number the mirror has applied an event of already: Redis went back (a
+                // failover to a replica that had not caught up, an older snapshot) and counts
+                // again from there. A resync finds it and writes the mirror back.
+                self.suspect = true;
             }
             Event::Set { change, entry, .. } => {
                 self.mirror.write().set(&entry);
@@ -800,17 +828,32 @@ impl MirrorTask {
                 instance,
                 sequence,
                 epoch: e,
+                changes,
             } => {
-                if e != epoch {
-                    // Sent while Redis held another epoch (or none): the mirror is not current,
-                    // or the heartbeat is older than the last resync; a resync tells which.
+                let own = if instance == self.instance {
+                    self.outstanding
+                        .iter()
+                        .find(|(s, _)| *s == sequence)
+                        .map(|&(_, sent)| sent)
+                } else {
+                    None
+                };
+                // The fewest changes the hash can have had when the heartbeat was sent: every
+                // event before it on the channel has been applied, so at least the highest of
+                // those; and for this replica's own heartbeat sent after the last dump came
+                // back, at least the dump's. (Another replica's heartbeat, or an older one of
+                // its own, may have been sent before the dump, with fewer changes.)
+                let floor = match own {
+                    Some(sent) if self.dumped_at.is_some_and(|at| sent >= at) => self.changes,
+                    _ => self.evented,
+                };
+                if e != epoch || changes.is_none_or(|c| c < floor) {
+                    // Redis holds another epoch (or none), or went back: the mirror is not
+                    // current. A resync finds out, and writes the mirror back if need be.
                     self.suspect = true;
-                } else if instance == self.instance {
-                    if let Some(&(_, sent)) = self.outstanding.iter().find(|(s, _)| *s == sequence)
-                    {
-                        self.outstanding.retain(|(s, _)| *s > sequence);
-                        self.mirror.confirm(sent);
-                    }
+                } else if let Some(sent) = own {
+                    self.outstanding.retain(|(s, _)| *s > sequence);
+                    self.mirror.confirm(sent);
                 }
             }
             Event::WrittenBack => self.suspect = true,
@@ -823,6 +866,7 @@ impl MirrorTask {
             self.suspect = true;
         }
         self.changes = change;
+        self.evented = change;
     }
 }
 
@@ -841,11 +885,13 @@ enum Event<'a> {
         change: u64,
         field: &'a str,
     },
-    /// `h:<instance>:<sequence>:<epoch>` (the epoch empty when the hash was gone).
+    /// `h:<instance>:<sequence>:<epoch>:<changes>` (both empty when the hash was gone).
     Heartbeat {
         instance: &'a str,
         sequence: u64,
         epoch: &'a str,
+        /// `None` when the hash had no count.
+        changes: Option<u64>,
     },
     /// `r:<epoch>`: a replica wrote its mirror back after a loss.
     WrittenBack,
@@ -875,11 +921,16 @@ fn parse_event(text: &str) -> Option<Event<'_>> {
         }
         "h" => {
             let (instance, rest) = rest.split_once(':')?;
-            let (sequence, epoch) = rest.split_once(':')?;
+            let (sequence, rest) = rest.split_once(':')?;
+            let (epoch, changes) = rest.split_once(':')?;
             Some(Event::Heartbeat {
                 instance,
                 sequence: sequence.parse().ok()?,
                 epoch,
+                changes: match changes {
+                    "" => None,
+                    n => Some(n.parse().ok()?),
+                },
             })
         }
         "r" => Some(Event::WrittenBack),
@@ -913,21 +964,25 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_event("h:abc:7:e1"),
+            parse_event("h:abc:7:e1:12"),
             Some(Event::Heartbeat {
                 instance: "abc",
                 sequence: 7,
-                epoch: "e1"
+                epoch: "e1",
+                changes: Some(12)
             })
         );
         assert_eq!(
-            parse_event("h:abc:7:"),
+            parse_event("h:abc:7::"),
             Some(Event::Heartbeat {
                 instance: "abc",
                 sequence: 7,
-                epoch: ""
+                epoch: "",
+                changes: None
             })
         );
+        assert_eq!(parse_event("h:abc:7:e1"), None);
+        assert_eq!(parse_event("h:abc:7:e1:x"), None);
         assert_eq!(parse_event("r:e2"), Some(Event::WrittenBack));
         // The layout of earlier builds, and broken ones.
         assert_eq!(parse_event("s:-5:jti:a"), None);
