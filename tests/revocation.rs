@@ -572,12 +572,13 @@ fn hget(port: u16, field: &str) -> String {
 }
 
 async fn redis_stores(url: String) -> store::Stores {
-    store::connect_all(&store_config(
-        StoreBackend::Redis { url },
-        Duration::from_secs(1),
-    ))
-    .await
-    .expect("a redis url to 127.0.0.1 is valid")
+    redis_stores_with_lag(url, Duration::from_secs(1)).await
+}
+
+async fn redis_stores_with_lag(url: String, max_lag: Duration) -> store::Stores {
+    store::connect_all(&store_config(StoreBackend::Redis { url }, max_lag))
+        .await
+        .expect("a redis url to 127.0.0.1 is valid")
 }
 
 /// Waits up to 5 s for `what` to hold.
@@ -852,6 +853,106 @@ async fn redis_gone_back_without_a_reconnect_is_found_by_the_heartbeats() {
     }
 }
 
+/// Redis gone back one change, and another replica's change made before any heartbeat could
+/// tell: the count is as high as the mirror's again, but the event reuses a number the mirror
+/// applied, which is the loss. The lost revocation is written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_back_then_a_new_change_is_still_a_loss() {
+    // A 5 s lag: heartbeats every second, so the new change comes before the next one.
+    let server = RedisServer::start().await;
+    let a = redis_stores_with_lag(server.url(), Duration::from_secs(5)).await;
+    let b = redis_stores_with_lag(server.url(), Duration::from_secs(5)).await;
+    wait_current(&a.revocations).await;
+    wait_current(&b.revocations).await;
+    let t = now();
+    let exp = (t + 600).to_string();
+    for jti in ["jti-n1", "jti-n2"] {
+        a.revocations.revoke(&token(jti, t + 600)).await.unwrap();
+    }
+    let changes: u64 = hget(server.port, "~gen").parse().unwrap();
+    let back = support::redis::redis_cli(
+        server.port,
+        &[
+            "eval",
+            "redis.call('HDEL', KEYS[1], 'jti:jti-n2'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
+            "1",
+            "{portcullis}:revocations",
+            &(changes - 1).to_string(),
+        ],
+    );
+    assert_eq!(back.trim(), "1");
+    b.revocations
+        .revoke(&token("jti-n3", t + 600))
+        .await
+        .unwrap();
+    eventually("the lost revocation is written back", || {
+        hget(server.port, "jti:jti-n2") == exp
+    })
+    .await;
+    assert_ne!(hget(server.port, "~lost"), "");
+    wait_current(&a.revocations).await;
+    wait_current(&b.revocations).await;
+    for jti in ["jti-n1", "jti-n2", "jti-n3"] {
+        for (name, stores) in [("a", &a), ("b", &b)] {
+            assert_eq!(
+                stores.revocations.is_revoked(Some(jti), None, None, t),
+                Ok(true),
+                "{jti} on {name}"
+            );
+        }
+    }
+}
+
+/// A resync that fails right after a reconnect is tried again at the next tick: nonces are
+/// not held until the 30 s resync. Redis pauses writes (as `FAILOVER` does) just after the
+/// proxy's connections were killed, so the first resync's dump times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_held_after_a_reconnect_pass_again_once_a_resync_works() {
+    use portcullis::store::NonceOutcome;
+    let server = RedisServer::start().await;
+    let a = redis_stores_with_lag(server.url(), Duration::from_secs(5)).await;
+    wait_current(&a.revocations).await;
+    let killed = Instant::now();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'CLIENT KILL TYPE normal SKIPME yes\\r\\nCLIENT PAUSE 1000 WRITE\\r\\n' | redis-cli -p {}",
+            server.port
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut n = 0;
+    let mut held = false;
+    loop {
+        n += 1;
+        let outcome = a
+            .nonces
+            .record_signed("client-1", &format!("paused-{n}"), NONCE_TTL, now() as u64)
+            .await;
+        match outcome {
+            Ok(NonceOutcome::Fresh) if held => break,
+            Ok(NonceOutcome::Fresh) => {}
+            other => {
+                assert!(other.is_err(), "{other:?}");
+                held = true;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(4),
+            "nonces still held {:?} after a 1 s pause",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("nonces pass again {:?} after the kill", killed.elapsed());
+    assert!(held, "the reconnect never held a nonce");
+    assert!(
+        hget(server.port, "~lost").is_empty(),
+        "a reconnect is not a loss"
+    );
+}
+
 /// A value no script wrote (a hand edit) neither stops a revoke of its entry nor a write-back
 /// over it: it counts as no value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -884,6 +985,13 @@ async fn an_unreadable_value_in_the_hash_is_replaced() {
         || hget(server.port, "jti:jti-u1") == exp,
     )
     .await;
+    // An undo over one: the entry goes.
+    support::redis::redis_cli(
+        server.port,
+        &["hset", "{portcullis}:revocations", "sub:sub-u1", "soon"],
+    );
+    a.revocations.unrevoke(&subject("sub-u1", t)).await.unwrap();
+    assert_eq!(hget(server.port, "sub:sub-u1"), "");
 }
 
 /// A hash made anew counts as a loss however many changes it has had since: a replica that

@@ -123,11 +123,12 @@ return tonumber(value)
 /// KEYS[1]: the hash. ARGV: new epoch, field, the latest value to remove ('' = any), channel.
 const UNREVOKE: &str = with_epoch!(
     r"
-local stored = redis.call('HGET', KEYS[1], ARGV[2])
-if not stored then
+local raw = redis.call('HGET', KEYS[1], ARGV[2])
+if not raw then
   return 0
 end
-if ARGV[3] ~= '' and tonumber(stored) > tonumber(ARGV[3]) then
+local stored = tonumber(raw)
+if ARGV[3] ~= '' and stored and stored > tonumber(ARGV[3]) then
   return 0
 end
 local e = epoch()
@@ -379,6 +380,7 @@ impl RedisRevocationStore {
             dumped_at: None,
             evented: 0,
             suspect: false,
+            gone_back: false,
         };
         let task = tokio::spawn(task.run(messages, reconnects));
         let store = Self {
@@ -576,8 +578,12 @@ struct MirrorTask {
     /// The highest change applied from an event since the last dump (0 when none).
     evented: u64,
     /// A message said the mirror may not match Redis (another epoch, a change skipped, a
-    /// write-back): resync before anything else.
+    /// write-back), or the last resync failed: resync before anything else.
     suspect: bool,
+    /// A message showed Redis went back within the epoch (a change number applied already, a
+    /// heartbeat with fewer changes than applied): the next dump is a loss whatever its count
+    /// says, since new changes may have made up the count.
+    gone_back: bool,
 }
 
 type Messages = tokio::sync::broadcast::Receiver<fred::types::Message>;
@@ -676,6 +682,8 @@ impl MirrorTask {
     async fn resync(&mut self) -> bool {
         // Read before the dump: a connection event after it is checked by the next resync.
         let events = self.connection.connection_events();
+        // Cleared only by a resync that works: a failed one is tried again at the next tick.
+        self.suspect = true;
         let dumped = match dump(&self.connection, &self.scripts.dump).await {
             Ok(dumped) => dumped,
             Err(error) => {
@@ -720,6 +728,7 @@ impl MirrorTask {
         self.dumped_at = Some(Instant::now());
         self.evented = 0;
         self.suspect = false;
+        self.gone_back = false;
         self.last_resync = Some(Instant::now());
         self.connection.checked_through(events);
         true
@@ -731,7 +740,12 @@ impl MirrorTask {
     /// not caught up, a restart from an older snapshot). `None` before the first resync.
     fn lost_writes(&self, dumped: &Dump) -> Option<String> {
         let epoch = self.epoch.as_deref()?;
-        if dumped.epoch != epoch {
+        if self.gone_back {
+            Some(format!(
+                "its revocation hash went back: it counted again changes the mirror had applied (now at {}, the mirror at {})",
+                dumped.changes, self.changes
+            ))
+        } else if dumped.epoch != epoch {
             Some(format!(
                 "its revocation hash was made anew: epoch {epoch} is gone, {} is there",
                 dumped.epoch
@@ -813,8 +827,9 @@ impl MirrorTask {
             Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.changes => {
                 // A number the mirror has applied an event of already: Redis went back (a
                 // failover to a replica that had not caught up, an older snapshot) and counts
-                // again from there. A resync finds it and writes the mirror back.
+                // again from there. The resync writes the mirror back.
                 self.suspect = true;
+                self.gone_back = true;
             }
             Event::Set { change, entry, .. } => {
                 self.mirror.write().set(&entry);
@@ -847,9 +862,14 @@ impl MirrorTask {
                     Some(sent) if self.dumped_at.is_some_and(|at| sent >= at) => self.changes,
                     _ => self.evented,
                 };
-                if e != epoch || changes.is_none_or(|c| c < floor) {
-                    // Redis holds another epoch (or none), or went back: the mirror is not
-                    // current. A resync finds out, and writes the mirror back if need be.
+                if e == epoch && changes.is_some_and(|c| c < floor) {
+                    // Fewer changes than the mirror applied before this heartbeat was sent:
+                    // Redis went back. The resync writes the mirror back.
+                    self.suspect = true;
+                    self.gone_back = true;
+                } else if e != epoch || changes.is_none() {
+                    // Redis holds another epoch (or none), or the heartbeat is older than the
+                    // last resync: a resync tells which, and writes the mirror back if need be.
                     self.suspect = true;
                 } else if let Some(sent) = own {
                     self.outstanding.retain(|(s, _)| *s > sequence);
