@@ -953,6 +953,105 @@ async fn nonces_held_after_a_reconnect_pass_again_once_a_resync_works() {
     );
 }
 
+/// Three replicas revoke and undo the same entries without a pause for 3 s, each recording
+/// nonces as it goes, while their subscriptions are killed every 200 ms (each resyncs, with
+/// events and heartbeats from before its dump still queued): no loss may be found (a false
+/// one would refuse signed requests for `max_skew`), and no nonce refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_churn_on_three_replicas_never_finds_a_loss() {
+    use portcullis::store::NonceOutcome;
+    let server = RedisServer::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mut config = store_config(
+            StoreBackend::Redis { url: server.url() },
+            Duration::from_millis(400),
+        );
+        config.timeout = Duration::from_millis(500);
+        let stores = store::connect_all(&config).await.unwrap();
+        wait_current(&stores.revocations).await;
+        replicas.push(Arc::new(stores));
+    }
+    let stop = Instant::now() + Duration::from_secs(3);
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::new();
+    for (r, stores) in replicas.iter().enumerate() {
+        for w in 0..2u64 {
+            let stores = stores.clone();
+            let failures = failures.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < stop {
+                    i += 1;
+                    let t = now();
+                    let jti = format!("jti-churn-{}", i % 7);
+                    let sub = format!("sub-churn-{}", (i + w) % 5);
+                    let revocations = &stores.revocations;
+                    let results = [
+                        revocations.revoke(&token(&jti, t + 600)).await,
+                        revocations.revoke(&subject(&sub, t - (i % 3) as i64)).await,
+                        revocations.unrevoke(&token(&jti, t + 600)).await,
+                        revocations.unrevoke(&subject(&sub, t)).await,
+                    ];
+                    for result in results {
+                        if let Err(e) = result {
+                            failures.lock().unwrap().push(format!("replica {r}: {e}"));
+                        }
+                    }
+                    let nonce = format!("churn-{r}-{w}-{i}");
+                    let outcome = stores
+                        .nonces
+                        .record_signed("client-1", &nonce, NONCE_TTL, now() as u64)
+                        .await;
+                    if outcome != Ok(NonceOutcome::Fresh) {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("replica {r}: {outcome:?}"));
+                    }
+                }
+                i
+            }));
+        }
+    }
+    let port = server.port;
+    let kills = tokio::spawn(async move {
+        let mut kills = 0;
+        while Instant::now() < stop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let killed = tokio::task::spawn_blocking(move || {
+                support::redis::redis_cli(port, &["client", "kill", "type", "pubsub"])
+            })
+            .await
+            .unwrap();
+            kills += killed.trim().parse::<u32>().unwrap_or(0);
+        }
+        kills
+    });
+    let mut rounds = 0;
+    for task in tasks {
+        rounds += task.await.unwrap();
+    }
+    let kills = kills.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    eprintln!(
+        "{rounds} rounds of four changes, {kills} subscriptions killed; ~gen {}",
+        hget(server.port, "~gen")
+    );
+    assert!(rounds > 100, "only {rounds} rounds");
+    assert!(kills >= 10, "only {kills} subscriptions killed");
+    assert_eq!(
+        hget(server.port, "~lost"),
+        "",
+        "a loss was found in normal churn"
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(10)]
+    );
+}
+
 /// A value no script wrote (a hand edit) neither stops a revoke of its entry nor a write-back
 /// over it: it counts as no value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
