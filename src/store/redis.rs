@@ -383,8 +383,8 @@ impl RedisConnection {
     /// Records that Redis lost writes at `at` (Unix seconds, this machine's clock): it was
     /// restarted without persistence, failed over to a replica that had not caught up, or
     /// flushed. The revocation mirror finds it (see `redis_revocation`); the nonce store then
-    /// refuses every nonce for as long as a nonce recorded before the loss could still be
-    /// replayed. The latest loss seen counts.
+    /// refuses the nonces that could replay one recorded before the loss, for as long as one
+    /// could (see [`RedisConnection::nonces_lost`]). The latest loss seen counts.
     pub(crate) fn note_data_loss(&self, at: i64) {
         self.inner.data_lost_at.fetch_max(at, Ordering::Relaxed);
     }
