@@ -564,6 +564,15 @@ async fn redis_killed_answers_from_the_mirror_within_the_lag_then_fails_closed_u
     assert_eq!(b.ping().await, Ok(()));
 }
 
+/// Runs a Lua script on the revocation hash (KEYS[1]) with one argument, in one atomic step,
+/// as Redis left in another state would hold it; returns what `redis-cli` prints.
+fn eval_on_hash(port: u16, script: &str, arg: &str) -> String {
+    support::redis::redis_cli(
+        port,
+        &["eval", script, "1", "{portcullis}:revocations", arg],
+    )
+}
+
 /// The field of the revocation hash, as `redis-cli` prints it ("" when there is none).
 fn hget(port: u16, field: &str) -> String {
     support::redis::redis_cli(port, &["hget", "{portcullis}:revocations", field])
@@ -822,15 +831,10 @@ async fn redis_gone_back_without_a_reconnect_is_found_by_the_heartbeats() {
     }
     let changes: u64 = hget(server.port, "~gen").parse().unwrap();
     // As the older state would hold it: the first revocation, and the count it had then.
-    let back = support::redis::redis_cli(
+    let back = eval_on_hash(
         server.port,
-        &[
-            "eval",
-            "redis.call('HDEL', KEYS[1], 'jti:jti-b2', 'jti:jti-b3'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
-            "1",
-            "{portcullis}:revocations",
-            &(changes - 2).to_string(),
-        ],
+        "redis.call('HDEL', KEYS[1], 'jti:jti-b2', 'jti:jti-b3'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
+        &(changes - 2).to_string(),
     );
     assert_eq!(back.trim(), "1");
     let took = eventually("the later revocations are back in redis", || {
@@ -870,15 +874,10 @@ async fn redis_gone_back_then_a_new_change_is_still_a_loss() {
         a.revocations.revoke(&token(jti, t + 600)).await.unwrap();
     }
     let changes: u64 = hget(server.port, "~gen").parse().unwrap();
-    let back = support::redis::redis_cli(
+    let back = eval_on_hash(
         server.port,
-        &[
-            "eval",
-            "redis.call('HDEL', KEYS[1], 'jti:jti-n2'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
-            "1",
-            "{portcullis}:revocations",
-            &(changes - 1).to_string(),
-        ],
+        "redis.call('HDEL', KEYS[1], 'jti:jti-n2'); redis.call('HSET', KEYS[1], '~gen', ARGV[1]); return 1",
+        &(changes - 1).to_string(),
     );
     assert_eq!(back.trim(), "1");
     b.revocations
@@ -1108,15 +1107,10 @@ async fn a_hash_made_anew_with_more_changes_is_still_a_loss() {
         .unwrap();
     let exp = (t + 600).to_string();
     // One atomic step, as the replica that made the new hash would have left it.
-    let replaced = support::redis::redis_cli(
+    let replaced = eval_on_hash(
         server.port,
-        &[
-            "eval",
-            "redis.call('DEL', KEYS[1]); redis.call('HSET', KEYS[1], '~epoch', 'other', '~gen', '100', 'jti:jti-e2', ARGV[1]); return 1",
-            "1",
-            "{portcullis}:revocations",
-            &exp,
-        ],
+        "redis.call('DEL', KEYS[1]); redis.call('HSET', KEYS[1], '~epoch', 'other', '~gen', '100', 'jti:jti-e2', ARGV[1]); return 1",
+        &exp,
     );
     assert_eq!(replaced.trim(), "1");
     eventually("the lost revocation is back in redis", || {
@@ -1153,11 +1147,9 @@ async fn an_event_that_skips_a_change_makes_the_mirror_resync() {
         .await
         .unwrap();
     let exp = (t + 600).to_string();
-    let changed = support::redis::redis_cli(
+    let changed = eval_on_hash(
         server.port,
-        &[
-            "eval",
-            "redis.call('HSET', KEYS[1], 'jti:jti-unannounced', ARGV[1]); \
+        "redis.call('HSET', KEYS[1], 'jti:jti-unannounced', ARGV[1]); \
              redis.call('HINCRBY', KEYS[1], '~gen', 1); \
              redis.call('HSET', KEYS[1], 'sub:sub-unannounced', ARGV[1]); \
              redis.call('HINCRBY', KEYS[1], '~gen', 1); \
@@ -1165,10 +1157,7 @@ async fn an_event_that_skips_a_change_makes_the_mirror_resync() {
              local gen = redis.call('HINCRBY', KEYS[1], '~gen', 1); \
              local epoch = redis.call('HGET', KEYS[1], '~epoch'); \
              return redis.call('PUBLISH', 'portcullis:revocations', 's:' .. epoch .. ':' .. gen .. ':' .. ARGV[1] .. ':jti:jti-announced')",
-            "1",
-            "{portcullis}:revocations",
-            &exp,
-        ],
+        &exp,
     );
     assert_eq!(changed.trim(), "1", "one subscriber got the event");
     let took = eventually("the mirror holds the changes never announced", || {

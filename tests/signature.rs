@@ -661,17 +661,14 @@ async fn redis_restarted_empty_refuses_what_could_replay_a_lost_nonce() {
     let first = signed("GET", "/signed/before", &host, b"");
     assert_eq!(send_signed(proxy.addr, &first, "").await.status, 200);
 
+    // A new request each time: a new nonce, signed now.
+    let fresh = |n: u32| signed("GET", &format!("/signed/{n}"), &host, b"");
     redis.restart().await;
     let restarted = Instant::now();
     let mut n = 0;
     let found = loop {
         n += 1;
-        let response = send_signed(
-            proxy.addr,
-            &signed("GET", &format!("/signed/{n}"), &host, b""),
-            "",
-        )
-        .await;
+        let response = send_signed(proxy.addr, &fresh(n), "").await;
         if response.status == 503 && response.body.contains("lost its data") {
             break restarted.elapsed();
         }
@@ -692,12 +689,7 @@ async fn redis_restarted_empty_refuses_what_could_replay_a_lost_nonce() {
     let passed = upstream.count();
     let recovered = loop {
         n += 1;
-        let response = send_signed(
-            proxy.addr,
-            &signed("GET", &format!("/signed/{n}"), &host, b""),
-            "",
-        )
-        .await;
+        let response = send_signed(proxy.addr, &fresh(n), "").await;
         if response.status == 200 {
             break restarted.elapsed();
         }

@@ -13,8 +13,11 @@
 //!
 //! Lost writes: Redis restarted without persistence, failed over to a replica that had not
 //! caught up, restarted from an older snapshot, or flushed. The mirror finds them when a dump
-//! holds another epoch, or fewer changes than the mirror has applied. It is told to look by a
-//! heartbeat or an event of another epoch, a skipped change, a reconnect, or the 30 s resync.
+//! holds another epoch, or fewer changes than the mirror has applied, or when a message showed
+//! Redis counting again changes the mirror applied. It is told to look by a heartbeat or an
+//! event of another epoch, a heartbeat with fewer changes than applied, an event reusing an
+//! applied change number, a skipped change, a reconnect of any connection, a failed resync (at
+//! the next heartbeat), or the 30 s resync.
 //! It then writes itself back into the hash, keeping the later value of each entry. Only then
 //! does it load the hash, so that no replica ever takes the emptier hash as the truth. The
 //! write-back records the loss in the hash, and every replica's dump passes it to the
@@ -375,7 +378,6 @@ impl RedisRevocationStore {
             sequence: 0,
             outstanding: VecDeque::new(),
             epoch: None,
-            changes: 0,
             dumped: 0,
             dumped_at: None,
             evented: 0,
@@ -569,8 +571,6 @@ struct MirrorTask {
     outstanding: VecDeque<(u64, Instant)>,
     /// The hash's epoch the mirror holds; `None` before the first resync.
     epoch: Option<String>,
-    /// The last change of that epoch the mirror holds.
-    changes: u64,
     /// The change count of the last dump: an event at or below it is in the mirror already.
     dumped: u64,
     /// When the last dump came back.
@@ -723,7 +723,6 @@ impl MirrorTask {
         }
         *self.mirror.write() = dumped.set;
         self.epoch = Some(dumped.epoch);
-        self.changes = dumped.changes;
         self.dumped = dumped.changes;
         self.dumped_at = Some(Instant::now());
         self.evented = 0;
@@ -743,17 +742,18 @@ impl MirrorTask {
         if self.gone_back {
             Some(format!(
                 "its revocation hash went back: it counted again changes the mirror had applied (now at {}, the mirror at {})",
-                dumped.changes, self.changes
+                dumped.changes, self.changes()
             ))
         } else if dumped.epoch != epoch {
             Some(format!(
                 "its revocation hash was made anew: epoch {epoch} is gone, {} is there",
                 dumped.epoch
             ))
-        } else if dumped.changes < self.changes {
+        } else if dumped.changes < self.changes() {
             Some(format!(
                 "its revocation hash went back from change {} to change {}",
-                self.changes, dumped.changes
+                self.changes(),
+                dumped.changes
             ))
         } else {
             None
@@ -768,7 +768,7 @@ impl MirrorTask {
         let empty: &[(String, i64)] = &[];
         let first = chunks.peek().is_none().then_some(empty);
         for chunk in first.into_iter().chain(chunks) {
-            let mut args = vec![new_epoch(), self.changes.to_string(), CHANNEL.to_owned()];
+            let mut args = vec![new_epoch(), self.changes().to_string(), CHANNEL.to_owned()];
             for (field, value) in chunk {
                 args.push(field.clone());
                 args.push(value.to_string());
@@ -824,7 +824,9 @@ impl MirrorTask {
             Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.dumped => {
                 // Already in the mirror: published before the dump it holds was taken.
             }
-            Event::Set { change, .. } | Event::Removed { change, .. } if change <= self.changes => {
+            Event::Set { change, .. } | Event::Removed { change, .. }
+                if change <= self.changes() =>
+            {
                 // A number the mirror has applied an event of already: Redis went back (a
                 // failover to a replica that had not caught up, an older snapshot) and counts
                 // again from there. The resync writes the mirror back.
@@ -859,7 +861,7 @@ impl MirrorTask {
                 // back, at least the dump's. (Another replica's heartbeat, or an older one of
                 // its own, may have been sent before the dump, with fewer changes.)
                 let floor = match own {
-                    Some(sent) if self.dumped_at.is_some_and(|at| sent >= at) => self.changes,
+                    Some(sent) if self.dumped_at.is_some_and(|at| sent >= at) => self.changes(),
                     _ => self.evented,
                 };
                 if e == epoch && changes.is_some_and(|c| c < floor) {
@@ -882,11 +884,15 @@ impl MirrorTask {
 
     /// Records that change `change` is in the mirror; one skipped means an event was lost.
     fn applied(&mut self, change: u64) {
-        if change > self.changes + 1 {
+        if change > self.changes() + 1 {
             self.suspect = true;
         }
-        self.changes = change;
         self.evented = change;
+    }
+
+    /// The last change of the epoch the mirror holds: the dump's, or a later event's.
+    fn changes(&self) -> u64 {
+        self.dumped.max(self.evented)
     }
 }
 
