@@ -580,6 +580,19 @@ fn hget(port: u16, field: &str) -> String {
         .to_owned()
 }
 
+/// Asserts that every token of `jtis` is revoked at `t` on every replica of `replicas`.
+fn assert_tokens_revoked(replicas: &[(&str, &store::Stores)], jtis: &[&str], t: i64) {
+    for (name, stores) in replicas {
+        for jti in jtis {
+            assert_eq!(
+                stores.revocations.is_revoked(Some(jti), None, None, t),
+                Ok(true),
+                "{jti} on {name}"
+            );
+        }
+    }
+}
+
 async fn redis_stores(url: String) -> store::Stores {
     redis_stores_with_lag(url, Duration::from_secs(1)).await
 }
@@ -848,13 +861,7 @@ async fn redis_gone_back_without_a_reconnect_is_found_by_the_heartbeats() {
     );
     assert_ne!(hget(server.port, "~lost"), "");
     wait_current(&a.revocations).await;
-    for jti in ["jti-b1", "jti-b2", "jti-b3"] {
-        assert_eq!(
-            a.revocations.is_revoked(Some(jti), None, None, t),
-            Ok(true),
-            "{jti}"
-        );
-    }
+    assert_tokens_revoked(&[("a", &a)], &["jti-b1", "jti-b2", "jti-b3"], t);
 }
 
 /// Redis gone back one change, and another replica's change made before any heartbeat could
@@ -891,15 +898,7 @@ async fn redis_gone_back_then_a_new_change_is_still_a_loss() {
     assert_ne!(hget(server.port, "~lost"), "");
     wait_current(&a.revocations).await;
     wait_current(&b.revocations).await;
-    for jti in ["jti-n1", "jti-n2", "jti-n3"] {
-        for (name, stores) in [("a", &a), ("b", &b)] {
-            assert_eq!(
-                stores.revocations.is_revoked(Some(jti), None, None, t),
-                Ok(true),
-                "{jti} on {name}"
-            );
-        }
-    }
+    assert_tokens_revoked(&[("a", &a), ("b", &b)], &["jti-n1", "jti-n2", "jti-n3"], t);
 }
 
 /// A resync that fails right after a reconnect is tried again at the next tick: nonces are
@@ -1119,13 +1118,7 @@ async fn a_hash_made_anew_with_more_changes_is_still_a_loss() {
     .await;
     assert_eq!(hget(server.port, "~epoch"), "other");
     wait_current(&a.revocations).await;
-    for jti in ["jti-e1", "jti-e2"] {
-        assert_eq!(
-            a.revocations.is_revoked(Some(jti), None, None, t),
-            Ok(true),
-            "{jti}"
-        );
-    }
+    assert_tokens_revoked(&[("a", &a)], &["jti-e1", "jti-e2"], t);
     assert!(a
         .nonces
         .record_once("client-1", "nonce-after-the-loss", NONCE_TTL)
@@ -1170,13 +1163,7 @@ async fn an_event_that_skips_a_change_makes_the_mirror_resync() {
     })
     .await;
     eprintln!("resynced {took:?} after the event that skipped two changes");
-    for jti in ["jti-g1", "jti-announced"] {
-        assert_eq!(
-            a.revocations.is_revoked(Some(jti), None, None, t),
-            Ok(true),
-            "{jti}"
-        );
-    }
+    assert_tokens_revoked(&[("a", &a)], &["jti-g1", "jti-announced"], t);
     assert_eq!(hget(server.port, "~lost"), "", "a gap is not a loss");
 }
 
